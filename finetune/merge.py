@@ -1,0 +1,179 @@
+"""Merge stage: bake an adapter into its base, save in the base's dtype, and verify the result.
+
+The merge runs in float32 on the base reloaded unquantised (also for QLoRA adapters: merging
+into 4-bit weights would round the update away), then casts once to the output dtype.
+The saved files are reloaded and their logits compared with the adapter model's, so the
+report describes what is on disk, not what was in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from finetune.errors import UserError
+
+VERIFY_PROMPTS = [
+    "What is the capital of France?",
+    "What is 3 plus 4?",
+    "Spell the word cat backwards.",
+]
+
+
+@dataclass
+class MergeSource:
+    """What to merge: the adapter, the base it belongs to, and the run it came from (if any)."""
+
+    adapter_dir: Path
+    base: str
+    run_dir: Path | None
+    adapter_kind: str  # lora or qlora
+
+
+def locate(source: Path) -> MergeSource:
+    """Find the adapter and its base from a run directory or an adapter directory."""
+    if not source.exists():
+        raise UserError(f"{source}: no such run or adapter directory")
+    recipe_file = source / "recipe.yaml"
+    if recipe_file.is_file():
+        from finetune.recipe import recipe_from_dict
+        from finetune.tiny import resolve_model_path
+
+        recipe = recipe_from_dict(yaml.safe_load(recipe_file.read_text(encoding="utf-8")), str(recipe_file))
+        if recipe.adapter.kind == "full":
+            raise UserError(
+                f"{source}: this run trained the full model (adapter.kind: full); {source / 'model'} is already "
+                "a complete model that transformers loads as is, so there is nothing to merge"
+            )
+        adapter_dir = source / "adapter"
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise UserError(
+                f"{source}: no adapter in {adapter_dir}; did the run finish? (see {source}/metrics.jsonl)"
+            )
+        return MergeSource(adapter_dir, resolve_model_path(recipe.model.path), source, recipe.adapter.kind)
+    config_file = source / "adapter_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise UserError(
+                f"{config_file}: base_model_name_or_path is not set; cannot tell which base to merge into"
+            )
+        kind = "qlora" if _trained_quantised(source) else "lora"
+        return MergeSource(source, base, None, kind)
+    raise UserError(
+        f"{source}: neither a run directory (no recipe.yaml) nor an adapter directory (no adapter_config.json)"
+    )
+
+
+def _trained_quantised(adapter_dir: Path) -> bool:
+    recipe = adapter_dir.parent / "recipe.yaml"
+    return recipe.is_file() and "kind: qlora" in recipe.read_text(encoding="utf-8")
+
+
+def run_merge(source: Path, *, out: Path | None = None, dtype: str | None = None, log=None) -> Path:
+    """Merge, save and verify; return the output directory."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    found = locate(source)
+    out = out or ((found.run_dir / "merged") if found.run_dir else source.with_name(source.name + "-merged"))
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise UserError(
+            f"--out: {out} already exists and is not empty; choose another --out (nothing was written)"
+        )
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    base_dtype = _config_dtype(found.base)
+    save_dtype = getattr(torch, dtype) if dtype else base_dtype
+    tokenizer = AutoTokenizer.from_pretrained(found.adapter_dir)
+    log(f"merging {found.adapter_dir} into {found.base} (base dtype {_name(base_dtype)}, merge in float32)")
+    base = AutoModelForCausalLM.from_pretrained(found.base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, found.adapter_dir).eval()
+    inputs = _verify_inputs(tokenizer)
+    reference = _logits(model, inputs)
+    reference_text = _greedy(model, tokenizer, inputs)
+
+    merged = model.merge_and_unload().to(save_dtype)
+    merged.config.use_cache = True
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    del merged, model, base
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    diff = (_logits(reloaded, inputs).float() - reference).abs()
+    merged_text = _greedy(reloaded, tokenizer, inputs)
+    report = {
+        "adapter": str(found.adapter_dir),
+        "base": found.base,
+        "adapter_kind": found.adapter_kind,
+        "merged_into": "base reloaded unquantised in float32"
+        + (" (not into the 4-bit weights it trained on)" if found.adapter_kind == "qlora" else ""),
+        "base_dtype": _name(base_dtype),
+        "saved_dtype": _name(reloaded.dtype),
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "greedy_generations_agree": merged_text == reference_text,
+        "prompts": VERIFY_PROMPTS,
+        "merged_generations": merged_text,
+    }
+    (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    log(
+        f"saved {out} ({report['saved_dtype']}); logits vs adapter model: max abs diff "
+        f"{report['max_abs_logit_diff']:.2e}, mean {report['mean_abs_logit_diff']:.2e}; "
+        f"greedy generations agree: {report['greedy_generations_agree']}"
+    )
+    for prompt, answer in zip(VERIFY_PROMPTS, merged_text, strict=True):
+        log(f"  {prompt!r} -> {answer!r}")
+    return out
+
+
+def _config_dtype(base: str):
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base)
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    if isinstance(value, str):
+        value = getattr(torch, value, torch.float32)
+    return value
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _verify_inputs(tokenizer):
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in VERIFY_PROMPTS
+    ]
+    tokenizer.padding_side = "left"
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def _logits(model, inputs):
+    import torch
+
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+def _greedy(model, tokenizer, inputs, max_new_tokens: int = 24) -> list[str]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]

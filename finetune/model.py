@@ -1,0 +1,139 @@
+"""Model stage: pick device and precision, load tokenizer and base model, build the adapter config."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from finetune.errors import UserError
+from finetune.recipe.schema import LoraFields, ModelSection, Recipe
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where and in what number format a run computes."""
+
+    device: str  # "cuda" or "cpu"
+    load_dtype: torch.dtype  # dtype of the base weights in memory
+    bf16: bool  # autocast in bf16
+    fp16: bool  # autocast in fp16 (with a grad scaler)
+
+
+def resolve_precision(recipe: Recipe) -> Precision:
+    """Decide device, weight dtype and autocast; refuse combinations this machine cannot run."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    precision = recipe.training.precision
+    if precision == "auto":
+        precision = "bf16" if bf16_ok else "fp32"
+    if precision in ("bf16", "fp16") and not cuda:
+        raise UserError(
+            f"training.precision: '{precision}' needs a CUDA GPU and none is visible; "
+            "use precision: auto or fp32 on a CPU"
+        )
+    if precision == "bf16" and not bf16_ok:
+        raise UserError("training.precision: this GPU has no bf16 support; use fp16 or fp32")
+    dtype_name = recipe.model.dtype
+    if dtype_name == "auto":
+        dtype_name = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    load_dtype = getattr(torch, dtype_name)
+    if precision == "fp16" and recipe.adapter.kind == "full" and load_dtype == torch.float16:
+        raise UserError(
+            "model.dtype: full fine-tuning with float16 weights and fp16 precision cannot keep fp32 master "
+            "weights; load in float32 (model.dtype: float32) or use bf16"
+        )
+    return Precision(
+        device="cuda" if cuda else "cpu",
+        load_dtype=load_dtype,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+    )
+
+
+def check_quantisation_available(recipe: Recipe) -> None:
+    """QLoRA needs bitsandbytes; say which extra installs it before anything heavy starts."""
+    if recipe.adapter.kind == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            "adapter.kind: 'qlora' needs the bitsandbytes package, which is not installed; "
+            "install it with: pip install 'finetune[qlora]'"
+        )
+
+
+def load_tokenizer(path: str, section: ModelSection):
+    """Load the tokenizer; give it a pad token if it has none (the eos token, as TRL does)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=section.revision, trust_remote_code=section.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.path: cannot load a tokenizer from {path!r}: {_first_line(exc)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, recipe: Recipe, precision: Precision):
+    """Load the base model in its training dtype, 4-bit quantised for QLoRA."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": precision.load_dtype,
+        "attn_implementation": recipe.model.attn_implementation,
+        "revision": recipe.model.revision,
+        "trust_remote_code": recipe.model.trust_remote_code,
+    }
+    if recipe.adapter.kind == "qlora":
+        kwargs["quantization_config"] = _bnb_config(recipe, precision)
+        kwargs["device_map"] = {"": 0} if precision.device == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UserError(f"model.path: cannot load a causal LM from {path!r}: {_first_line(exc)}") from None
+    # Training with the KV cache on makes packed rows attend to each other (see ENV.md) and wastes memory.
+    model.config.use_cache = False
+    return model
+
+
+def _bnb_config(recipe: Recipe, precision: Precision):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    adapter = recipe.adapter
+    compute = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=adapter.quant_type,
+        bnb_4bit_use_double_quant=adapter.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def build_peft_config(recipe: Recipe):
+    """The PEFT LoraConfig for lora/qlora recipes, None for full fine-tuning."""
+    adapter = recipe.adapter
+    if not isinstance(adapter, LoraFields):
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        use_dora=adapter.use_dora,
+        use_rslora=adapter.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

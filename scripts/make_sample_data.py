@@ -1,0 +1,182 @@
+"""Write the sample data sets shipped in finetune/resources/data/.
+
+Deterministic (seeded, no network): running it twice gives byte-identical files. The content is a
+handful of fixed question templates with short answers, so a ~1M-parameter model learns it in a
+few hundred steps. Usage: ``python scripts/make_sample_data.py [--out-dir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "finetune" / "resources" / "data"
+SEED = 1234
+
+CAPITALS = {
+    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Japan": "Tokyo",
+    "China": "Beijing", "Egypt": "Cairo", "Canada": "Ottawa", "Russia": "Moscow",
+    "Greece": "Athens", "Portugal": "Lisbon", "Norway": "Oslo", "Sweden": "Stockholm",
+    "Ireland": "Dublin", "Poland": "Warsaw", "Austria": "Vienna", "Peru": "Lima",
+    "Kenya": "Nairobi", "Cuba": "Havana", "Chile": "Santiago",
+}  # fmt: skip
+OPPOSITES = {
+    "hot": "cold", "big": "small", "up": "down", "day": "night", "fast": "slow",
+    "happy": "sad", "open": "closed", "light": "dark", "wet": "dry", "full": "empty",
+    "early": "late", "left": "right", "high": "low", "hard": "soft", "loud": "quiet",
+}  # fmt: skip
+COLOURS = {
+    "the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black",
+    "a tomato": "red", "a carrot": "orange", "milk": "white", "a lemon": "yellow", "a frog": "green",
+    "blood": "red", "a crow": "black",
+}  # fmt: skip
+WORDS = ["cat", "dog", "sun", "map", "pen", "cup", "box", "hat", "bus", "star", "fish", "bird",
+         "frog", "tree", "book", "milk"]  # fmt: skip
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "You are a concise assistant. Answer in one sentence.",
+    "Answer the question briefly.",
+]
+ALL_COLOURS = sorted(set(COLOURS.values()))
+# Addition pairs kept out of every training file, so the eval set tests generalisation.
+HELD_OUT_SUMS = [(a, b) for a in range(1, 10) for b in range(1, 10) if (7 * a + b) % 9 == 0]
+TRAIN_SUMS = [(a, b) for a in range(1, 10) for b in range(1, 10) if (a, b) not in HELD_OUT_SUMS]
+
+QA = tuple[str, str, str]  # question, right answer, plausible wrong answer
+
+
+def capital_qa(rng: random.Random, country: str | None = None) -> QA:
+    """A capital-city question, its answer and a wrong answer."""
+    country = country or rng.choice(sorted(CAPITALS))
+    wrong = rng.choice([c for k, c in sorted(CAPITALS.items()) if k != country])
+    answer = f"The capital of {country} is {{}}."
+    return f"What is the capital of {country}?", answer.format(CAPITALS[country]), answer.format(wrong)
+
+
+def addition_qa(rng: random.Random, pairs: list[tuple[int, int]] = TRAIN_SUMS) -> QA:
+    """A one-digit addition question."""
+    a, b = rng.choice(pairs)
+    wrong = a + b + rng.choice([-2, -1, 1, 2])
+    return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {wrong}."
+
+
+def opposite_qa(rng: random.Random) -> QA:
+    """An opposite-word question."""
+    word = rng.choice(sorted(OPPOSITES))
+    wrong = rng.choice([w for k, w in sorted(OPPOSITES.items()) if k != word])
+    answer = f"The opposite of {word} is {{}}."
+    return f"What is the opposite of {word}?", answer.format(OPPOSITES[word]), answer.format(wrong)
+
+
+def colour_qa(rng: random.Random) -> QA:
+    """A what-colour-is-it question."""
+    thing = rng.choice(sorted(COLOURS))
+    wrong = rng.choice([c for c in ALL_COLOURS if c != COLOURS[thing]])
+    answer = thing[0].upper() + thing[1:] + " is {}."
+    return f"What colour is {thing}?", answer.format(COLOURS[thing]), answer.format(wrong)
+
+
+def backwards_qa(rng: random.Random) -> QA:
+    """A spell-it-backwards question; the wrong answer is the word itself."""
+    word = rng.choice(WORDS)
+    answer = f"{word} backwards is {{}}."
+    return f"Spell the word {word} backwards.", answer.format(word[::-1]), answer.format(word)
+
+
+TASKS: list[Callable[[random.Random], QA]] = [capital_qa, addition_qa, opposite_qa, colour_qa, backwards_qa]
+
+
+def random_qa(rng: random.Random) -> QA:
+    """A question from any template, chosen uniformly."""
+    return rng.choice(TASKS)(rng)
+
+
+def chat_row(rng: random.Random, first: QA | None = None, ask: Callable = random_qa) -> dict:
+    """One `messages` row: ~20% with a system message, ~25% with two exchanges."""
+    messages = []
+    if rng.random() < 0.2:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    turns = [first or ask(rng)]
+    if rng.random() < 0.25:
+        turns.append(ask(rng))
+    for question, answer, _ in turns:
+        messages.append({"role": "user", "content": question})
+        messages.append({"role": "assistant", "content": answer})
+    return {"messages": messages}
+
+
+def make_chat(rng: random.Random, n: int = 300, n_france: int = 10) -> list[dict]:
+    """Chat rows; the quickstart question opens `n_france` of them so the model surely learns it."""
+    rows = [chat_row(rng, capital_qa(rng, "France")) for _ in range(n_france)]
+    rows += [chat_row(rng) for _ in range(n - n_france)]
+    rng.shuffle(rows)
+    return rows
+
+
+def make_prompt_completion(rng: random.Random, n: int = 200) -> list[dict]:
+    """Plain-text prompt/completion rows."""
+    rows = []
+    for _ in range(n):
+        question, answer, _ = random_qa(rng)
+        rows.append({"prompt": f"Question: {question}\nAnswer:", "completion": f" {answer}"})
+    return rows
+
+
+def make_preference(rng: random.Random, n: int = 200) -> list[dict]:
+    """Conversational preference pairs (TRL format): the right answer is chosen."""
+    rows = []
+    for _ in range(n):
+        question, answer, wrong = random_qa(rng)
+        rows.append({
+            "prompt": [{"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": answer}],
+            "rejected": [{"role": "assistant", "content": wrong}],
+        })  # fmt: skip
+    return rows
+
+
+def make_eval(rng: random.Random, train: list[dict], n: int = 30) -> list[dict]:
+    """Held-out chat rows: no row equals a training row; additions use only held-out pairs."""
+    seen = {json.dumps(row, sort_keys=True) for row in train}
+
+    def ask(r: random.Random) -> QA:
+        task = r.choice(TASKS)
+        return addition_qa(r, HELD_OUT_SUMS) if task is addition_qa else task(r)
+
+    rows: list[dict] = []
+    while len(rows) < n:
+        row = chat_row(rng, ask=ask)
+        key = json.dumps(row, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write one compact JSON object per line."""
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {path} ({len(rows)} rows, {path.stat().st_size} bytes)")
+
+
+def main() -> None:
+    """Generate all four files into the output directory."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    out = parser.parse_args().out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    # One generator per file, so changing one file's recipe leaves the others byte-identical.
+    chat = make_chat(random.Random(SEED))
+    write_jsonl(out / "sample_chat.jsonl", chat)
+    write_jsonl(out / "sample_prompt_completion.jsonl", make_prompt_completion(random.Random(SEED + 1)))
+    write_jsonl(out / "sample_preference.jsonl", make_preference(random.Random(SEED + 2)))
+    write_jsonl(out / "sample_eval_chat.jsonl", make_eval(random.Random(SEED + 3), chat))
+
+
+if __name__ == "__main__":
+    main()
