@@ -9,13 +9,13 @@ report describes what is on disk, not what was in memory.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from finetune.errors import UserError
+from finetune.logs import quiet_libraries, stderr
 
 VERIFY_PROMPTS = [
     "What is the capital of France?",
@@ -77,7 +77,7 @@ def _trained_quantised(adapter_dir: Path) -> bool:
 
 def run_merge(source: Path, *, out: Path | None = None, dtype: str | None = None, log=None) -> Path:
     """Merge, save and verify; return the output directory."""
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    log = log or stderr
     found = locate(source)
     out = out or ((found.run_dir / "merged") if found.run_dir else source.with_name(source.name + "-merged"))
     if out.exists() and (out.is_file() or any(out.iterdir())):
@@ -85,6 +85,7 @@ def run_merge(source: Path, *, out: Path | None = None, dtype: str | None = None
             f"--out: {out} already exists and is not empty; choose another --out (nothing was written)"
         )
 
+    quiet_libraries()
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

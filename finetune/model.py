@@ -130,6 +130,7 @@ def build_peft_config(recipe: Recipe):
         target_modules=adapter.target_modules,
         use_dora=adapter.use_dora,
         use_rslora=adapter.use_rslora,
+        modules_to_save=adapter.modules_to_save or None,
         task_type="CAUSAL_LM",
     )
 

@@ -44,7 +44,12 @@ class ProgressDisplay(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
+        if not state.is_world_process_zero or not logs:
+            return
+        if "eval_loss" in logs:
+            self._print(f"step {state.global_step}/{state.max_steps}  eval_loss {logs['eval_loss']:.4f}")
+            return
+        if "loss" not in logs:
             return
         now, tokens = time.perf_counter(), int(logs.get("num_tokens", 0))
         rate = (tokens - self._last[1]) / max(now - self._last[0], 1e-9)
@@ -53,7 +58,13 @@ class ProgressDisplay(TrainerCallback):
         if self.progress is not None:
             self.progress.update(self.task, stats=stats)
         else:
-            print(f"step {state.global_step}/{state.max_steps}  {stats}", file=self.stream, flush=True)
+            self._print(f"step {state.global_step}/{state.max_steps}  {stats}")
+
+    def _print(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(line)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:

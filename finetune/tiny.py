@@ -19,7 +19,8 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATA_DIR = Path(__file__).resolve().parent / "resources" / "data"
 BUILTIN_MODELS = {"tiny-llama": "llama", "tiny-qwen3": "qwen3"}
 # Bump when the tokenizer, architecture or init changes, so stale cached builds are not reused.
-BUILTIN_MODEL_VERSION = "v1"
+BUILTIN_MODEL_VERSION = "v2"  # v2: pretrained on the sample facts as plain text
+BUILTIN_PRETRAIN_STEPS = 200
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -192,18 +193,70 @@ def init_tiny_model(*, arch: str = "llama", seed: int = 0):
     return model, tokenizer
 
 
-def build_tiny_model(out_dir: str | os.PathLike, *, arch: str = "llama", seed: int = 0) -> Path:
-    """Create a tiny model (see `init_tiny_model`) and save it with its tokenizer.
+def pretrain_corpus() -> list[str]:
+    """Plain-text versions of the sample conversations and prompt/completion pairs (no chat markup).
+
+    The held-out eval file is left out, so evaluation still measures generalisation.
+    """
+    import json
+
+    texts = []
+    for name in ("sample_chat.jsonl", "sample_prompt_completion.jsonl"):
+        for line in (BUILTIN_DATA_DIR / name).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if "messages" in row:
+                texts.append(" ".join(m["content"] for m in row["messages"] if m["role"] != "system"))
+            else:
+                texts.append(row["prompt"] + row["completion"])
+    return texts
+
+
+def pretrain(model, tokenizer, *, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 3e-3) -> float:
+    """Full-weight causal-LM training on `pretrain_corpus()`; returns the last loss.
+
+    A random-initialised model with frozen norms and LM head cannot become confident through LoRA
+    alone (its logits stay within a few units), so fine-tuning demos and tests need a base that has
+    learnt something, like every real base model. A plain loop: importing TRL would cost 10 s here.
+    """
+    import random
+
+    import torch
+
+    texts, rng = pretrain_corpus(), random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            batch = tokenizer([t + tokenizer.eos_token for t in rng.sample(texts, batch_size)],
+                              return_tensors="pt", padding=True)
+            labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+            loss = model(**batch, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss.detach())
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike, *, arch: str = "llama", seed: int = 0, pretrain_steps: int = 0
+) -> Path:
+    """Create a tiny model (see `init_tiny_model`), optionally pretrain it, and save it with its tokenizer.
 
     Args:
         out_dir: Directory to write (created if needed).
         arch: "llama" or "qwen3".
-        seed: Seed of the weight init; the same seed gives identical weights.
+        seed: Seed of the weight init and of the pretraining batches.
+        pretrain_steps: Steps of plain-text pretraining on the sample data (0: random weights).
 
     Returns:
         `out_dir` as a Path, loadable with `AutoModelForCausalLM.from_pretrained`.
     """
     model, tokenizer = init_tiny_model(arch=arch, seed=seed)
+    if pretrain_steps:
+        pretrain(model, tokenizer, steps=pretrain_steps, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _no_progress_bars():
@@ -229,8 +282,9 @@ def _builtin_name(spec: str, available: list[str], kind: str) -> str:
 def resolve_model_path(spec: str) -> str:
     """Turn `builtin:<name>` into the path of a locally built tiny model; other specs pass through.
 
-    The model is built once into `<cache>/models/<name>-v1`. The build goes to a temporary sibling
-    that is renamed into place, so an interrupted or concurrent build never leaves a partial model.
+    The model is built (and briefly pretrained, ~10 s) once into `<cache>/models/<name>-v2`. The build
+    goes to a temporary sibling that is renamed into place, so an interrupted or concurrent build never
+    leaves a partial model.
     """
     if not spec.startswith(BUILTIN_PREFIX):
         return spec
@@ -239,9 +293,12 @@ def resolve_model_path(spec: str) -> str:
     if final.is_dir():
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    from finetune.logs import stderr
+
+    stderr(f"building {spec} into {final} (first use only; ~10 s)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        build_tiny_model(tmp, arch=BUILTIN_MODELS[name])
+        build_tiny_model(tmp, arch=BUILTIN_MODELS[name], pretrain_steps=BUILTIN_PRETRAIN_STEPS)
         os.replace(tmp, final)
     except OSError:
         # Another process finished first (renaming onto a non-empty directory fails): use theirs.

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.logs import quiet_libraries, stderr
 from finetune.recipe import LoadedRecipe, Recipe
 from finetune.recipe.dump import write_recipe
 
 
 def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> Path:
     """Run a validated recipe end to end and return the run directory."""
-    log = log or _stderr
+    log = log or stderr
     recipe = loaded.recipe
     _preflight(recipe)
+    quiet_libraries()
     run_dir = claim_run_dir(Path(recipe.run_dir), overwrite=overwrite)
     write_recipe(recipe, run_dir / "recipe.yaml")
     log(f"run directory: {run_dir}  (resolved recipe in {run_dir / 'recipe.yaml'})")
@@ -47,10 +48,6 @@ def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> 
         + (f"; next: finetune merge {run_dir}" if recipe.adapter.kind != "full" else "")
     )
     return run_dir
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _preflight(recipe: Recipe) -> None:

@@ -141,6 +141,15 @@ def test_saved_model_reloads_identically(tmp_path, arch):
     assert loaded.generation_config.eos_token_id == tok.eos_token_id
 
 
+def test_pretraining_lowers_the_loss_and_is_deterministic():
+    losses = []
+    for _ in range(2):
+        model, tok = tiny.init_tiny_model()
+        losses.append(tiny.pretrain(model, tok, steps=30, seed=1))
+    assert losses[0] == losses[1]
+    assert losses[0] < 4.5  # from ln(vocab) ~ 6.9 at random init
+
+
 def test_build_does_not_disturb_global_rng():
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -149,20 +158,29 @@ def test_build_does_not_disturb_global_rng():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_resolve_builtin_model_builds_once(cache):
+V = tiny.BUILTIN_MODEL_VERSION
+
+
+@pytest.fixture
+def few_pretrain_steps(monkeypatch):
+    """The cache mechanics do not depend on how long the builtin model is pretrained."""
+    monkeypatch.setattr(tiny, "BUILTIN_PRETRAIN_STEPS", 2)
+
+
+def test_resolve_builtin_model_builds_once(cache, few_pretrain_steps):
     path = tiny.resolve_model_path("builtin:tiny-llama")
-    assert Path(path) == cache / "models" / "tiny-llama-v1"
+    assert Path(path) == cache / "models" / f"tiny-llama-{V}"
     weights = Path(path) / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     assert tiny.resolve_model_path("builtin:tiny-llama") == path
     assert weights.stat().st_mtime_ns == stamp
     # No temporary build directories are left behind.
-    assert [p.name for p in (cache / "models").iterdir()] == ["tiny-llama-v1"]
+    assert [p.name for p in (cache / "models").iterdir()] == [f"tiny-llama-{V}"]
 
 
-def test_resolve_keeps_the_build_that_finished_first(cache, monkeypatch):
+def test_resolve_keeps_the_build_that_finished_first(cache, monkeypatch, few_pretrain_steps):
     """If another process puts the model in place during our build, ours is discarded."""
-    final = cache / "models" / "tiny-qwen3-v1"
+    final = cache / "models" / f"tiny-qwen3-{V}"
     real_build = tiny.build_tiny_model
 
     def racing_build(out_dir, **kwargs):
@@ -173,7 +191,7 @@ def test_resolve_keeps_the_build_that_finished_first(cache, monkeypatch):
     monkeypatch.setattr(tiny, "build_tiny_model", racing_build)
     assert tiny.resolve_model_path("builtin:tiny-qwen3") == str(final)
     assert [p.name for p in final.iterdir()] == ["winner.txt"]
-    assert [p.name for p in (cache / "models").iterdir()] == ["tiny-qwen3-v1"]
+    assert [p.name for p in (cache / "models").iterdir()] == [f"tiny-qwen3-{V}"]
 
 
 def test_unknown_builtin_model_lists_choices(cache):

@@ -129,6 +129,11 @@ class LoraFields(Section):
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full next to the adapter and saved with it "
+        "(e.g. [lm_head, embed_tokens] when new tokens are added).",
+    )
 
 
 class FullAdapter(Section):

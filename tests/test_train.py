@@ -1,0 +1,184 @@
+"""Real training on the tiny model: LoRA, QLoRA and full SFT, DPO, merge, and the run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.errors import UserError
+from finetune.recipe import load_recipe
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def make_recipe(tmp_path: Path, name: str, **sections) -> Path:
+    recipe = {
+        "name": name,
+        "model": {"path": "builtin:tiny-llama"},
+        "data": {"train": [{"path": "builtin:sample_chat.jsonl", "max_rows": 64}]},
+        "method": {"kind": "sft"},
+        "adapter": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {"learning_rate": 1e-2, "max_steps": 12, "micro_batch_size": 8, "max_length": 128,
+                     "logging_steps": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
+        "output": {"dir": str(tmp_path / "runs" / name)},
+    }
+    for key, value in sections.items():
+        same_kind = isinstance(value, dict) and recipe.get(key, {}).get("kind", value.get("kind")) == value.get("kind")
+        recipe[key] = {**recipe[key], **value} if same_kind and key in recipe else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def train(path: Path, **kwargs) -> Path:
+    from finetune.train import run_training
+
+    return run_training(load_recipe(path), log=lambda _: None, **kwargs)
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def assert_loss_falls(run_dir: Path) -> None:
+    values = losses(run_dir)
+    assert len(values) >= 6
+    assert sum(values[-3:]) / 3 < 0.8 * sum(values[:3]) / 3, values
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, torch_one_thread):
+    tmp = tmp_path_factory.mktemp("lora")
+    return train(make_recipe(tmp, "lora"))
+
+
+def test_sft_lora_trains_and_writes_the_run_directory(lora_run):
+    assert_loss_falls(lora_run)
+    for name in ("recipe.yaml", "audit.json", "metrics.jsonl", "summary.json",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/chat_template.jinja"):
+        assert (lora_run / name).is_file(), name
+    audit = json.loads((lora_run / "audit.json").read_text())
+    assert audit[0]["rows"] == 64 and 0 < audit[0]["trained_fraction"] < 1
+    assert load_recipe(lora_run / "recipe.yaml").recipe.adapter.r == 8  # the resolved recipe reloads
+
+
+def test_merge_matches_adapter_and_keeps_base_dtype(lora_run, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.merge import run_merge
+    from finetune.tiny import resolve_model_path
+
+    out = run_merge(lora_run, out=tmp_path / "merged", log=lambda _: None)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["saved_dtype"] == report["base_dtype"] == "float32"
+    assert report["max_abs_logit_diff"] < 1e-4 and report["greedy_generations_agree"]
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.float32
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    adapted = PeftModel.from_pretrained(base, lora_run / "adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template  # the template travels with the merged model
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (merged(ids).logits - adapted(ids).logits).abs().max().item()
+    assert diff < 1e-4
+    again = run_cli("merge", str(lora_run), "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_existing_run_dir_is_not_overwritten(lora_run):
+    before = (lora_run / "recipe.yaml").read_text()
+    path = make_recipe(lora_run.parent.parent, "lora")
+    with pytest.raises(UserError, match="already holds a run; pass --overwrite"):
+        train(path)
+    assert (lora_run / "recipe.yaml").read_text() == before
+
+
+def test_labels_cover_exactly_the_assistant_tokens(torch_one_thread):
+    from transformers import AutoTokenizer
+
+    from finetune.data.pipeline import build_sft_split
+    from finetune.data.sources import read_rows
+    from finetune.recipe.schema import DataSection, DatasetSpec
+    from finetune.tiny import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    spec = DatasetSpec(path="builtin:sample_chat.jsonl", max_rows=40)
+    section = DataSection(train=[spec])
+    dataset, audits = build_sft_split([spec], "data.train", section, tokenizer, tokenizer.chat_template, 4096)
+    rows = read_rows(spec)
+    assert audits[0].kept == len(rows) == len(dataset)
+    for row, item in zip(rows, dataset, strict=True):
+        trained = [t for t, label in zip(item["input_ids"], item["labels"], strict=True) if label != -100]
+        expected = "".join(m["content"] + "<|im_end|>" for m in row.data["messages"] if m["role"] == "assistant")
+        assert tokenizer.decode(trained) == expected, row.where
+
+
+def test_sft_qlora_trains_on_a_4bit_base_and_merges_unquantised(tmp_path, torch_one_thread):
+    pytest.importorskip("bitsandbytes")
+    from finetune.merge import run_merge
+
+    run_dir = train(make_recipe(tmp_path, "qlora", adapter={"kind": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}))
+    assert_loss_falls(run_dir)
+    out = run_merge(run_dir, log=lambda _: None)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["adapter_kind"] == "qlora" and "not into the 4-bit" in report["merged_into"]
+    assert report["saved_dtype"] == "float32" and report["max_abs_logit_diff"] < 1e-4
+
+
+def test_sft_full_trains_a_complete_model_and_merge_refuses(tmp_path, torch_one_thread):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = train(make_recipe(tmp_path, "full", adapter={"kind": "full"}, training={"learning_rate": 2e-3}))
+    assert_loss_falls(run_dir)
+    AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    refused = run_cli("merge", str(run_dir))
+    assert refused.returncode == 2 and "nothing to merge" in refused.stderr
+
+
+def test_prompt_completion_trains_completion_and_eos_only(tmp_path, torch_one_thread):
+    from transformers import AutoTokenizer
+
+    from finetune.data.pipeline import build_sft_split
+    from finetune.data.sources import read_rows
+    from finetune.recipe.schema import DataSection, DatasetSpec
+    from finetune.tiny import resolve_model_path
+
+    spec = DatasetSpec(path="builtin:sample_prompt_completion.jsonl", format="prompt_completion", max_rows=20)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    dataset, _ = build_sft_split([spec], "data.train", DataSection(train=[spec]), tokenizer, None, 4096)
+    for row, item in zip(read_rows(spec), dataset, strict=True):
+        trained = [t for t, label in zip(item["input_ids"], item["labels"], strict=True) if label != -100]
+        assert tokenizer.decode(trained) == row.data["completion"] + tokenizer.eos_token, row.where
+    run_dir = train(make_recipe(tmp_path, "pc", data={"train": [
+        {"path": "builtin:sample_prompt_completion.jsonl", "format": "prompt_completion", "max_rows": 32}]},
+        training={"max_steps": 3}))
+    assert (run_dir / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_dpo_lora_runs_and_logs_rewards(tmp_path, torch_one_thread):
+    run_dir = train(make_recipe(
+        tmp_path, "dpo", method={"kind": "dpo", "beta": 0.1},
+        data={"train": [{"path": "builtin:sample_preference.jsonl", "format": "preference", "max_rows": 32}]},
+        training={"learning_rate": 5e-3, "max_steps": 8, "micro_batch_size": 4},
+    ))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/accuracies" in r or "rewards/margins" in r for r in records), records[0].keys()
+    assert (run_dir / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_bad_data_line_is_reported_before_the_model_loads(tmp_path):
+    data = tmp_path / "train.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    data.write_text("\n".join([good] * 56 + ['{"messages": [oops'] + [good] * 3) + "\n")
+    path = make_recipe(tmp_path, "bad", data={"train": [{"path": str(data)}]})
+    result = run_cli("train", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{data}:57: malformed JSON" in result.stderr
