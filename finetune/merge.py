@@ -158,8 +158,11 @@ def _verify_inputs(tokenizer):
         )
         for p in VERIFY_PROMPTS
     ]
-    tokenizer.padding_side = "left"
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched generation pads on the left
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side  # the saved tokenizer keeps the user's setting
 
 
 def _logits(model, inputs):

@@ -85,6 +85,7 @@ def test_merge_matches_adapter_and_keeps_base_dtype(lora_run, tmp_path):
     adapted = PeftModel.from_pretrained(base, lora_run / "adapter").eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template  # the template travels with the merged model
+    assert tokenizer.padding_side == AutoTokenizer.from_pretrained(lora_run / "adapter").padding_side
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         diff = (merged(ids).logits - adapted(ids).logits).abs().max().item()
