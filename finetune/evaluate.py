@@ -180,7 +180,8 @@ def loss_dataset(loaded: Loaded, specs, data_section, max_length: int):
 def render_table(results: dict[str, dict]) -> str:
     """Metrics down, models across; a change column when there are exactly two models."""
     names = list(results)
-    metrics = [m for m in METRICS if any(m in r for r in results.values())]
+    extra = sorted({k for r in results.values() for k in r if k not in METRICS and not k.startswith("_")})
+    metrics = [m for m in METRICS if any(m in r for r in results.values())] + extra
     header = ["metric", *names] + (["change"] if len(names) == 2 else [])
     rows = [header]
     for metric in metrics:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 from pathlib import Path
@@ -17,6 +18,8 @@ def export_gguf(source: Path, *, quant: str = "f16", out: Path | None = None, lo
     from finetune.gguf_export import QUANTS, write_gguf
 
     log = log or stderr
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("--format gguf needs the gguf package, which is not installed: pip install 'finetune[gguf]'")
     if quant not in QUANTS:
         raise UserError(f"--quant: expected one of {', '.join(QUANTS)}, found {quant!r}")
     model_dir, stem = _merged_model_dir(source, log)
