@@ -41,7 +41,9 @@ def run_lm_eval(loaded, name: str, tasks: list[str], limit: int | None, batch_si
     from lm_eval.tasks import TaskManager
 
     names, folders = task_names(tasks)
-    manager = TaskManager(include_path=folders or None)
+    # Indexing the harness's own ~200 task folders takes tens of seconds: skip it when every task is a local file.
+    named = any(not task.endswith((".yaml", ".yml")) for task in tasks)
+    manager = TaskManager(include_path=folders or None, include_defaults=named)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise UserError(f"--lm-eval: unknown task(s) {', '.join(unknown)} (see `lm-eval ls tasks`)")
