@@ -169,7 +169,10 @@ def chat(
     from finetune.logs import stderr
 
     loaded = load(resolve_source(source), extra, log=stderr)
-    run_chat(loaded, Sampling(max_new_tokens, temperature, top_p), system=system)
+    try:
+        run_chat(loaded, Sampling(max_new_tokens, temperature, top_p), system=system)
+    except KeyboardInterrupt:
+        stderr("")
 
 
 @app.command()
@@ -199,9 +202,13 @@ def generate(
     import torch
 
     torch.manual_seed(seed)
-    written = run_generate(
-        loaded, rows, out, Sampling(max_new_tokens, temperature, top_p), batch_size=batch_size, with_base=base
-    )
+    try:
+        written = run_generate(
+            loaded, rows, out, Sampling(max_new_tokens, temperature, top_p), batch_size=batch_size, with_base=base
+        )
+    except KeyboardInterrupt:
+        stderr(f"interrupted; finished batches are in {out}: run the same command again to resume")
+        raise typer.Exit(130) from None
     stderr(f"wrote {written} outputs to {out}")
 
 

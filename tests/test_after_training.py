@@ -376,3 +376,15 @@ def test_lm_eval_local_task_runs_on_base_and_tuned(run, tmp_path, monkeypatch):
     assert set(results) == {"base", "tuned"}
     for values in results.values():
         assert 0.0 <= values["finetune_test_capitals/acc"] <= 1.0 and "loss" in values
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", ".", "--format", "zip"], "--format: expected gguf or vllm, found 'zip'"),
+    (["export", "nowhere", "--format", "gguf"], "nowhere: no such run, model or adapter directory"),
+    (["chat", "builtin:tiny-llama", "--adapter", "noequals"], "--adapter: expected NAME=PATH"),
+    (["generate", "x", "--prompts", "missing.jsonl", "--out", "o.jsonl"], "no such file: missing.jsonl"),
+    (["eval", "builtin:tiny-llama", "--adapter", "base=x"], "'base' is not a usable name"),
+])
+def test_bad_input_exits_2_before_loading_a_model(argv, message, tmp_path):
+    result = run_cli(*argv, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
