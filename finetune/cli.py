@@ -7,6 +7,7 @@ datasets cost 10+ s to import, so each command imports what it needs inside its 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -111,13 +112,141 @@ def merge(
         "--dtype",
         help="Save in this dtype (float32, bfloat16, float16). Default: the base model's dtype.",
     ),
+    max_shard_size: str = typer.Option(
+        "5GB", "--max-shard-size", help="Largest safetensors file (e.g. 5GB, 500MB); bigger models are sharded."
+    ),
 ) -> None:
     """Bake a LoRA/QLoRA adapter into its base model and save it as safetensors, verified."""
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype: expected float32, bfloat16 or float16, found {dtype!r}")
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)", max_shard_size):
+        raise UserError(f"--max-shard-size: expected a size like 5GB or 500MB, found {max_shard_size!r}")
     from finetune.merge import run_merge
 
-    run_merge(source, out=out, dtype=dtype)
+    run_merge(source, out=out, dtype=dtype, max_shard_size=max_shard_size)
+
+
+ADAPTER_HELP = "Another LoRA adapter to load on the same base, as NAME=PATH (repeatable)."
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A run directory, a merged or full model directory, or an adapter."),
+    format: str = typer.Option(..., "--format", help="gguf (llama.cpp, Ollama) or vllm (print a serve command)."),
+    quant: str = typer.Option("f16", "--quant", help="GGUF weight type: f16, q8_0 or f32."),
+    out: Path | None = typer.Option(None, "--out", help="GGUF file to write (default: next to the model)."),
+    name: str | None = typer.Option(None, "--name", help="vllm: the adapter's served name (default: the run name)."),
+) -> None:
+    """Export for serving: a GGUF file (an adapter is merged first), or the vLLM command that hot-swaps it."""
+    if format == "gguf":
+        from finetune.export import export_gguf
+
+        export_gguf(source, quant=quant, out=out)
+    elif format == "vllm":
+        if not source.exists():
+            raise UserError(f"{source}: no such run or adapter directory")
+        from finetune.export import vllm_command
+
+        typer.echo(vllm_command(source, name=name))
+    else:
+        raise UserError(f"--format: expected gguf or vllm, found {format!r}")
+
+
+@app.command()
+def chat(
+    source: str = typer.Argument(..., help="A run, model or adapter directory, or a model (builtin:tiny-llama)."),
+    adapters: list[str] = typer.Option([], "--adapter", help=ADAPTER_HELP),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+) -> None:
+    """Chat in the terminal with streaming replies; /adapter NAME, /base, /reset, /quit."""
+    from finetune.inference import Sampling, load, parse_adapter_flags, resolve_source
+
+    extra = parse_adapter_flags(adapters)
+    from finetune.chat import run_chat
+    from finetune.logs import stderr
+
+    loaded = load(resolve_source(source), extra, log=stderr)
+    try:
+        run_chat(loaded, Sampling(max_new_tokens, temperature, top_p), system=system)
+    except KeyboardInterrupt:
+        stderr("")
+
+
+@app.command()
+def generate(
+    source: str = typer.Argument(..., help="A run, model or adapter directory, or a model (builtin:tiny-llama)."),
+    prompts: Path = typer.Option(
+        ..., "--prompts", help="JSONL: {\"prompt\": ...} or {\"messages\": [...]}, optional \"id\"."
+    ),
+    out: Path = typer.Option(..., "--out", help="JSONL to append to; outputs already there are skipped (resume)."),
+    adapters: list[str] = typer.Option([], "--adapter", help=ADAPTER_HELP),
+    base: bool = typer.Option(False, "--base", help="Also generate with the base model (adapters off)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+) -> None:
+    """Generate for every prompt with the model and each adapter, batched; rerun to resume."""
+    from finetune.generate import read_prompts
+    from finetune.inference import Sampling, load, parse_adapter_flags, resolve_source
+
+    rows, extra = read_prompts(prompts), parse_adapter_flags(adapters)
+    from finetune.generate import run_generate
+    from finetune.logs import stderr
+
+    loaded = load(resolve_source(source), extra, log=stderr)
+    import torch
+
+    torch.manual_seed(seed)
+    try:
+        written = run_generate(
+            loaded, rows, out, Sampling(max_new_tokens, temperature, top_p), batch_size=batch_size, with_base=base
+        )
+    except KeyboardInterrupt:
+        stderr(f"interrupted; finished batches are in {out}: run the same command again to resume")
+        raise typer.Exit(130) from None
+    stderr(f"wrote {written} outputs to {out}")
+
+
+@app.command("eval")
+def eval_(
+    source: str = typer.Argument(..., help="A run, model or adapter directory, or a model."),
+    data: str | None = typer.Option(
+        None, "--data", help="JSONL (messages or prompt/completion) for loss and perplexity (default: data.eval)."
+    ),
+    tasks: Path | None = typer.Option(
+        None, "--tasks", help="JSONL of {\"prompt\", \"answer\"} rows: exact match, contains, JSON validity."
+    ),
+    base: bool = typer.Option(False, "--base", help="Also evaluate the base model and print a before/after table."),
+    adapters: list[str] = typer.Option([], "--adapter", help=ADAPTER_HELP),
+    lm_eval: str | None = typer.Option(
+        None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (needs lm-eval)."
+    ),
+    max_rows: int | None = typer.Option(None, "--max-rows", min=1, help="Use only the first N rows of each file."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    out: Path | None = typer.Option(None, "--out", help="Also write the results as JSON here."),
+) -> None:
+    """Loss, perplexity and task metrics; with --base, a before/after table."""
+    from finetune.inference import parse_adapter_flags
+
+    extra = parse_adapter_flags(adapters)
+    from finetune.evaluate import render_table, run_eval
+    from finetune.logs import stderr
+
+    results = run_eval(
+        source, data=data, tasks_file=tasks, with_base=base, extra_adapters=extra, max_rows=max_rows,
+        batch_size=batch_size, max_new_tokens=max_new_tokens,
+        lm_eval_tasks=[t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else None, log=stderr,
+    )
+    typer.echo(render_table(results))
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        stderr(f"wrote {out}")
 
 
 @app.command("tiny-model")

@@ -16,6 +16,7 @@ import yaml
 
 from finetune.errors import UserError
 from finetune.logs import quiet_libraries, stderr
+from finetune.merge_checks import check_adapter_matches_base, check_adapter_type, check_base_unquantised
 
 VERIFY_PROMPTS = [
     "What is the capital of France?",
@@ -54,9 +55,11 @@ def locate(source: Path) -> MergeSource:
             raise UserError(
                 f"{source}: no adapter in {adapter_dir}; did the run finish? (see {source}/metrics.jsonl)"
             )
+        check_adapter_type(adapter_dir)
         return MergeSource(adapter_dir, resolve_model_path(recipe.model.path), source, recipe.adapter.kind)
     config_file = source / "adapter_config.json"
     if config_file.is_file():
+        check_adapter_type(source)
         config = json.loads(config_file.read_text(encoding="utf-8"))
         base = config.get("base_model_name_or_path")
         if not base:
@@ -75,8 +78,10 @@ def _trained_quantised(adapter_dir: Path) -> bool:
     return recipe.is_file() and "kind: qlora" in recipe.read_text(encoding="utf-8")
 
 
-def run_merge(source: Path, *, out: Path | None = None, dtype: str | None = None, log=None) -> Path:
-    """Merge, save and verify; return the output directory."""
+def run_merge(
+    source: Path, *, out: Path | None = None, dtype: str | None = None, max_shard_size: str = "5GB", log=None
+) -> Path:
+    """Merge, save (sharded safetensors with an index past `max_shard_size`) and verify; return the output dir."""
     log = log or stderr
     found = locate(source)
     out = out or ((found.run_dir / "merged") if found.run_dir else source.with_name(source.name + "-merged"))
@@ -88,10 +93,13 @@ def run_merge(source: Path, *, out: Path | None = None, dtype: str | None = None
     quiet_libraries()
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    base_dtype = _config_dtype(found.base)
+    base_config = AutoConfig.from_pretrained(found.base)
+    check_base_unquantised(base_config, found.base)
+    check_adapter_matches_base(found.adapter_dir, base_config, found.base)
+    base_dtype = _config_dtype(base_config)
     save_dtype = getattr(torch, dtype) if dtype else base_dtype
     tokenizer = AutoTokenizer.from_pretrained(found.adapter_dir)
     log(f"merging {found.adapter_dir} into {found.base} (base dtype {_name(base_dtype)}, merge in float32)")
@@ -104,7 +112,7 @@ def run_merge(source: Path, *, out: Path | None = None, dtype: str | None = None
     merged = model.merge_and_unload().to(save_dtype)
     merged.config.use_cache = True
     out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
+    merged.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
     del merged, model, base
 
@@ -124,8 +132,12 @@ def run_merge(source: Path, *, out: Path | None = None, dtype: str | None = None
         "greedy_generations_agree": merged_text == reference_text,
         "prompts": VERIFY_PROMPTS,
         "merged_generations": merged_text,
+        "weight_files": sorted(p.name for p in out.glob("*.safetensors")),
     }
     (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    from finetune.model_card import carry_over
+
+    carry_over(out, report, found.run_dir)
     log(
         f"saved {out} ({report['saved_dtype']}); logits vs adapter model: max abs diff "
         f"{report['max_abs_logit_diff']:.2e}, mean {report['mean_abs_logit_diff']:.2e}; "
@@ -136,11 +148,9 @@ def run_merge(source: Path, *, out: Path | None = None, dtype: str | None = None
     return out
 
 
-def _config_dtype(base: str):
+def _config_dtype(config):
     import torch
-    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base)
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     if isinstance(value, str):
         value = getattr(torch, value, torch.float32)
