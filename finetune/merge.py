@@ -41,7 +41,7 @@ def locate(source: Path) -> MergeSource:
     recipe_file = source / "recipe.yaml"
     if recipe_file.is_file():
         from finetune.recipe import recipe_from_dict
-        from finetune.tiny import resolve_model_path
+        from finetune.start import adapter_base
 
         recipe = recipe_from_dict(yaml.safe_load(recipe_file.read_text(encoding="utf-8")), str(recipe_file))
         if recipe.adapter.kind == "full":
@@ -54,7 +54,8 @@ def locate(source: Path) -> MergeSource:
             raise UserError(
                 f"{source}: no adapter in {adapter_dir}; did the run finish? (see {source}/metrics.jsonl)"
             )
-        return MergeSource(adapter_dir, resolve_model_path(recipe.model.path), source, recipe.adapter.kind)
+        # A run that kept training an earlier run's adapter sits on that run's base, not on model.path.
+        return MergeSource(adapter_dir, adapter_base(recipe).base, source, recipe.adapter.kind)
     config_file = source / "adapter_config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text(encoding="utf-8"))
