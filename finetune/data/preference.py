@@ -30,7 +30,7 @@ def check_preference_row(data: dict[str, Any], fmt: str) -> str | None:
     if kinds == {str}:
         empty = [k for k in texts[1:] if not data[k].strip()]
         if empty:
-            return f"{' and '.join(repr(k) for k in empty)} empty"
+            return f"{' and '.join(repr(k) for k in empty)} {'is' if len(empty) == 1 else 'are'} empty"
     elif kinds == {list}:
         problem = _check_messages(data["prompt"], "prompt", need_assistant=False)
         for key in texts[1:]:
