@@ -92,7 +92,7 @@ def train(
         False, "--overwrite", help="Allow writing into an existing, non-empty run dir."
     ),
 ) -> None:
-    """Train a model as the recipe says (SFT or DPO; LoRA, QLoRA or full)."""
+    """Train a model as the recipe says (SFT, DPO, ORPO or KTO; LoRA, QLoRA or full)."""
     from finetune.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)

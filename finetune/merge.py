@@ -42,7 +42,7 @@ def locate(source: Path) -> MergeSource:
     recipe_file = source / "recipe.yaml"
     if recipe_file.is_file():
         from finetune.recipe import recipe_from_dict
-        from finetune.tiny import resolve_model_path
+        from finetune.start import adapter_base
 
         recipe = recipe_from_dict(yaml.safe_load(recipe_file.read_text(encoding="utf-8")), str(recipe_file))
         if recipe.adapter.kind == "full":
@@ -56,7 +56,8 @@ def locate(source: Path) -> MergeSource:
                 f"{source}: no adapter in {adapter_dir}; did the run finish? (see {source}/metrics.jsonl)"
             )
         check_adapter_type(adapter_dir)
-        return MergeSource(adapter_dir, resolve_model_path(recipe.model.path), source, recipe.adapter.kind)
+        # A run that kept training an earlier run's adapter sits on that run's base, not on model.path.
+        return MergeSource(adapter_dir, adapter_base(recipe).base, source, recipe.adapter.kind)
     config_file = source / "adapter_config.json"
     if config_file.is_file():
         check_adapter_type(source)

@@ -80,14 +80,17 @@ def load_tokenizer(path: str, section: ModelSection):
     return tokenizer
 
 
-def load_model(path: str, recipe: Recipe, precision: Precision):
-    """Load the base model in its training dtype, 4-bit quantised for QLoRA."""
+def load_model(path: str, recipe: Recipe, precision: Precision, *, revision: str | None = None):
+    """Load the base model in its training dtype, 4-bit quantised for QLoRA.
+
+    `revision` overrides model.revision (the base of an earlier run keeps that run's revision).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
         "dtype": precision.load_dtype,
         "attn_implementation": recipe.model.attn_implementation,
-        "revision": recipe.model.revision,
+        "revision": revision or recipe.model.revision,
         "trust_remote_code": recipe.model.trust_remote_code,
     }
     if recipe.adapter.kind == "qlora":

@@ -9,6 +9,26 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+# What preference trainers (DPO, ORPO, KTO) log about the implicit reward r = beta * log(pi / pi_ref):
+# its mean on chosen and rejected answers, their difference, and how often chosen beats rejected.
+PREFERENCE_KEYS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+
+
+def preference_stats(logs: dict, prefix: str = "") -> str:
+    """'acc 0.94  margin 1.33 (chosen -0.78, rejected -2.11)' from whichever reward metrics were logged."""
+    get = {key: logs.get(prefix + key) for key in PREFERENCE_KEYS}
+    parts = []
+    if get["rewards/accuracies"] is not None:
+        parts.append(f"acc {get['rewards/accuracies']:.2f}")
+    if get["rewards/margins"] is not None:
+        detail = (
+            f" (chosen {get['rewards/chosen']:+.2f}, rejected {get['rewards/rejected']:+.2f})"
+            if get["rewards/chosen"] is not None and get["rewards/rejected"] is not None
+            else ""
+        )
+        parts.append(f"margin {get['rewards/margins']:+.2f}{detail}")
+    return "  ".join(parts)
+
 
 class ProgressDisplay(TrainerCallback):
     """Progress bar with loss, learning rate and tokens/s; one plain line per log when not a TTY."""
@@ -47,14 +67,24 @@ class ProgressDisplay(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         if "eval_loss" in logs:
-            self._print(f"step {state.global_step}/{state.max_steps}  eval_loss {logs['eval_loss']:.4f}")
+            rewards = preference_stats(logs, "eval_")
+            self._print(
+                f"step {state.global_step}/{state.max_steps}  eval_loss {logs['eval_loss']:.4f}"
+                + (f"  eval {rewards}" if rewards else "")
+            )
             return
         if "loss" not in logs:
             return
         now, tokens = time.perf_counter(), int(logs.get("num_tokens", 0))
         rate = (tokens - self._last[1]) / max(now - self._last[0], 1e-9)
         self._last = (now, tokens)
-        stats = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  {rate:,.0f} tok/s"
+        rewards = preference_stats(logs)
+        stats = (
+            f"loss {logs['loss']:.4f}  "
+            + (f"{rewards}  " if rewards else "")
+            + f"lr {logs.get('learning_rate', 0):.2e}"
+            + (f"  {rate:,.0f} tok/s" if "num_tokens" in logs else "")  # ORPO does not count tokens
+        )
         if self.progress is not None:
             self.progress.update(self.task, stats=stats)
         else:
@@ -73,14 +103,45 @@ class ProgressDisplay(TrainerCallback):
 
 
 class MetricsLog(TrainerCallback):
-    """Append every logged metric to <run>/metrics.jsonl (main process only)."""
+    """Append every logged metric to <run>/metrics.jsonl (main process only); remember first and last values."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def summary(self) -> dict:
+        """First and last logged loss and reward metrics (train and eval), for summary.json."""
+        keys = ["loss", "eval_loss", *PREFERENCE_KEYS, *("eval_" + k for k in PREFERENCE_KEYS)]
+        return {
+            "first_and_last": {
+                key: {"first": self.first[key], "last": self.last[key]} for key in keys if key in self.first
+            }
+        }
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
+        for key, value in logs.items():
+            if isinstance(value, int | float):
+                self.first.setdefault(key, value)
+                self.last[key] = value
         record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def describe_reward_change(summary: dict) -> str | None:
+    """'reward accuracy 0.00 -> 0.94, margin +0.00 -> +1.33' from MetricsLog.summary(), or None."""
+    seen = summary.get("first_and_last", {})
+    parts = []
+    for prefix, label in (("", "train"), ("eval_", "eval")):
+        acc, margin = seen.get(prefix + "rewards/accuracies"), seen.get(prefix + "rewards/margins")
+        text = []
+        if acc:
+            text.append(f"reward accuracy {acc['first']:.2f} -> {acc['last']:.2f}")
+        if margin:
+            text.append(f"margin {margin['first']:+.2f} -> {margin['last']:+.2f}")
+        if text:
+            parts.append(f"{label}: " + ", ".join(text))
+    return "; ".join(parts) or None

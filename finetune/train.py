@@ -11,38 +11,49 @@ from finetune.errors import UserError
 from finetune.logs import quiet_libraries, stderr
 from finetune.recipe import LoadedRecipe, Recipe
 from finetune.recipe.dump import write_recipe
+from finetune.recipe.preference import PREFERENCE_KINDS
 
 
 def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> Path:
     """Run a validated recipe end to end and return the run directory."""
     log = log or stderr
     recipe = loaded.recipe
-    _preflight(recipe)
+    start = _preflight(recipe)
     quiet_libraries()
     run_dir = claim_run_dir(Path(recipe.run_dir), overwrite=overwrite)
     write_recipe(recipe, run_dir / "recipe.yaml")
     log(f"run directory: {run_dir}  (resolved recipe in {run_dir / 'recipe.yaml'})")
 
     from finetune.model import build_peft_config, load_model, load_tokenizer, resolve_precision
-    from finetune.tiny import resolve_model_path
+    from finetune.start import load_start_adapter
 
     precision = resolve_precision(recipe)
-    model_path = resolve_model_path(recipe.model.path)
-    tokenizer = load_tokenizer(model_path, recipe.model)
+    tokenizer = load_tokenizer(start.tokenizer, recipe.model)
     from finetune.data.templates import resolve_chat_template
 
     tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template, tokenizer)
     train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
 
-    log(f"loading {recipe.model.path} ({precision.load_dtype}, {precision.device})")
-    model = load_model(model_path, recipe, precision)
+    log(f"loading {start.base} ({precision.load_dtype}, {precision.device})"
+        + (f" with the adapter of {start.run} to keep training" if start.adapter else ""))
+    model = load_start_adapter(load_model(start.base, recipe, precision, revision=start.revision), start)
+    peft_config = None if start.adapter else build_peft_config(recipe)
     trainer = TRAINERS[recipe.method.kind](
-        recipe, model, tokenizer, train_ds, eval_ds, build_peft_config(recipe), precision, run_dir
+        recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir
     )
+    if recipe.method.kind in PREFERENCE_KINDS:
+        from finetune.preference import check_prepared, describe_reference
+
+        _add_to_audit(run_dir / "audit.json", check_prepared(recipe, trainer, len(train_ds), log))
+        log(f"reference model: {describe_reference(trainer, recipe)}")
     _log_trainable(trainer.model, log)
     started = time.perf_counter()
     result = trainer.train()
-    _save_outputs(recipe, trainer, tokenizer, run_dir, result.metrics, time.perf_counter() - started)
+    summary = _save_outputs(recipe, trainer, tokenizer, run_dir, result.metrics, time.perf_counter() - started)
+    from finetune.progress import describe_reward_change
+
+    if change := describe_reward_change(summary):
+        log(change)
     log(
         f"done: {run_dir / _artifact_name(recipe)}"
         + (f"; next: finetune merge {run_dir}" if recipe.adapter.kind != "full" else "")
@@ -50,15 +61,23 @@ def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> 
     return run_dir
 
 
-def _preflight(recipe: Recipe) -> None:
-    """Cheap checks that would otherwise fail after the model has loaded."""
+def _preflight(recipe: Recipe):
+    """Cheap checks that would otherwise fail after the model has loaded; returns where training starts."""
     from finetune.data.sources import check_dataset_exists
     from finetune.model import check_quantisation_available
+    from finetune.start import resolve_start
 
     check_quantisation_available(recipe)
     for split in ("train", "eval"):
         for i, spec in enumerate(getattr(recipe.data, split)):
             check_dataset_exists(spec, f"data.{split}[{i}]")
+    if recipe.method.kind in PREFERENCE_KINDS:
+        from finetune.data.preference import check_local_preference_data
+        from finetune.preference import check_orpo_available
+
+        check_orpo_available(recipe)
+        check_local_preference_data(recipe)
+    return resolve_start(recipe)
 
 
 def claim_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
@@ -75,12 +94,13 @@ def claim_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
 
 
 def _build_data(recipe: Recipe, tokenizer, run_dir: Path, log):
-    from finetune.data.pipeline import build_preference_split, build_sft_split, check_audits
+    from finetune.data.pipeline import build_sft_split, check_audits
 
     data = recipe.data
-    if recipe.method.kind == "dpo":
-        train_ds, audits = build_preference_split(data.train, "data.train")
-        eval_ds, eval_audits = build_preference_split(data.eval, "data.eval") if data.eval else (None, [])
+    if recipe.method.kind in PREFERENCE_KINDS:
+        from finetune.data.preference import build_preference_data
+
+        return build_preference_data(data, recipe.method.kind, run_dir / "audit.json", log)
     else:
         template, max_length = tokenizer.chat_template, recipe.training.max_length
         train_ds, audits = build_sft_split(data.train, "data.train", data, tokenizer, template, max_length)
@@ -119,6 +139,12 @@ def _write_audit(audits, path: Path, log) -> None:
         log(
             f"data {a.name}: {a.kept}/{a.rows} rows kept, {dropped} dropped, {a.truncated} truncated{trained}"
         )
+    path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+
+
+def _add_to_audit(path: Path, record: dict) -> None:
+    records = json.loads(path.read_text(encoding="utf-8"))
+    records.append({"dataset": "data.train after TRL's tokenisation", **record})
     path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
 
 
@@ -194,31 +220,20 @@ def run_sft(recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision,
     return trainer
 
 
-def run_dpo(recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir):
-    """Build TRL's DPOTrainer; with an adapter the reference is the base with the adapter disabled."""
-    from trl import DPOConfig, DPOTrainer
+def run_preference(recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir):
+    """Build TRL's DPO, ORPO or KTO trainer (finetune/preference.py says which reference model each uses)."""
+    from finetune.preference import PREFERENCE_TRAINERS
 
-    method = recipe.method
-    args = DPOConfig(
-        **_training_args(recipe, precision, run_dir, eval_ds is not None),
-        beta=method.beta,
-        loss_type=[method.loss_type],
-        label_smoothing=method.label_smoothing,
-    )
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=_callbacks(run_dir),
-    )
+    common = _training_args(recipe, precision, run_dir, eval_ds is not None)
+    build = PREFERENCE_TRAINERS[recipe.method.kind]
+    trainer = build(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common)
+    for callback in _callbacks(run_dir):
+        trainer.add_callback(callback)
     _quiet_default_printer(trainer)
     return trainer
 
 
-TRAINERS = {"sft": run_sft, "dpo": run_dpo}
+TRAINERS = {"sft": run_sft, **{kind: run_preference for kind in PREFERENCE_KINDS}}
 
 
 def _log_trainable(model, log) -> None:
@@ -231,10 +246,26 @@ def _artifact_name(recipe: Recipe) -> str:
     return "model" if recipe.adapter.kind == "full" else "adapter"
 
 
-def _save_outputs(recipe, trainer, tokenizer, run_dir: Path, metrics: dict, seconds: float) -> None:
+def _save_outputs(recipe, trainer, tokenizer, run_dir: Path, metrics: dict, seconds: float) -> dict:
     """Adapter (or full model) with the tokenizer and chat template used in training, and a summary."""
     out = run_dir / _artifact_name(recipe)
-    trainer.model.save_pretrained(out)
+    peft_config = getattr(trainer.model, "peft_config", {})
+    # TRL adds a frozen "ref" copy when it continues an adapter; only the trained one is the output.
+    selected = {"selected_adapters": ["default"]} if len(peft_config) > 1 else {}
+    trainer.model.save_pretrained(out, **selected)
     tokenizer.save_pretrained(out)
-    summary = {"train_seconds": round(seconds, 2), "global_step": trainer.state.global_step, **metrics}
+    if recipe.method.kind in PREFERENCE_KINDS:
+        from finetune.preference import describe_reference
+
+        metrics = {**metrics, "reference_model": describe_reference(trainer, recipe)}
+    summary = {"method": recipe.method.kind, "train_seconds": round(seconds, 2),
+               "global_step": trainer.state.global_step, **metrics, **_metric_summary(trainer)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _metric_summary(trainer) -> dict:
+    from finetune.progress import MetricsLog
+
+    logs = [c for c in trainer.callback_handler.callbacks if isinstance(c, MetricsLog)]
+    return logs[0].summary() if logs else {}

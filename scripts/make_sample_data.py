@@ -138,6 +138,20 @@ def make_preference(rng: random.Random, n: int = 200) -> list[dict]:
     return rows
 
 
+def make_unpaired_preference(rng: random.Random, n: int = 200) -> list[dict]:
+    """Unpaired preference rows (TRL's KTO format): one answer per prompt, labelled good or bad, about half each."""
+    rows = []
+    for _ in range(n):
+        question, answer, wrong = random_qa(rng)
+        good = rng.random() < 0.5
+        rows.append({
+            "prompt": [{"role": "user", "content": question}],
+            "completion": [{"role": "assistant", "content": answer if good else wrong}],
+            "label": good,
+        })  # fmt: skip
+    return rows
+
+
 def make_eval(rng: random.Random, train: list[dict], n: int = 30) -> list[dict]:
     """Held-out chat rows: no row equals a training row; additions use only held-out pairs."""
     seen = {json.dumps(row, sort_keys=True) for row in train}
@@ -165,7 +179,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    """Generate all four files into the output directory."""
+    """Generate all sample files into the output directory."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     out = parser.parse_args().out_dir
@@ -176,6 +190,7 @@ def main() -> None:
     write_jsonl(out / "sample_prompt_completion.jsonl", make_prompt_completion(random.Random(SEED + 1)))
     write_jsonl(out / "sample_preference.jsonl", make_preference(random.Random(SEED + 2)))
     write_jsonl(out / "sample_eval_chat.jsonl", make_eval(random.Random(SEED + 3), chat))
+    write_jsonl(out / "sample_unpaired_preference.jsonl", make_unpaired_preference(random.Random(SEED + 4)))
 
 
 if __name__ == "__main__":

@@ -56,14 +56,10 @@ def check_row(row: Row, fmt: str) -> str | None:
                 completion, "completion", need_assistant=True
             )
         return "'prompt' and 'completion' must both be strings or both be lists of messages"
-    if fmt == "preference":
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in data]
-        if missing:
-            return f"missing {', '.join(repr(k) for k in missing)} (preference rows need prompt, chosen, rejected)"
-        kinds = {type(data[k]) for k in ("prompt", "chosen", "rejected")}
-        if kinds not in ({str}, {list}):
-            return "'prompt', 'chosen' and 'rejected' must all be strings or all be lists of messages"
-        return None
+    if fmt in ("preference", "unpaired_preference"):
+        from finetune.data.preference import check_preference_row
+
+        return check_preference_row(data, fmt)
     raise AssertionError(fmt)
 
 
@@ -150,21 +146,6 @@ def build_sft_split(
             columns["labels"].append(labels)
         audits.append(audit)
     return datasets.Dataset.from_dict(columns), audits
-
-
-def build_preference_split(specs: list[DatasetSpec], key: str):
-    """Rows for TRL's DPOTrainer (it tokenises prompt/chosen/rejected itself), with audits."""
-    import datasets
-
-    rows, audits = [], []
-    for i, spec in enumerate(specs):
-        audit = Audit(name=f"{key}[{i}] {spec.path}")
-        for row in load_checked_rows(spec, f"{key}[{i}]"):
-            audit.rows += 1
-            audit.kept += 1
-            rows.append({k: row.data[k] for k in ("prompt", "chosen", "rejected")})
-        audits.append(audit)
-    return datasets.Dataset.from_list(rows), audits
 
 
 def check_audits(audits: list[Audit], section: DataSection) -> list[str]:

@@ -286,6 +286,8 @@ def _is_member_name(part: str) -> bool:
         "list",
         "sft",
         "dpo",
+        "orpo",
+        "kto",
         "full",
         "lora",
         "qlora",

@@ -7,40 +7,26 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
+from finetune.recipe.preference import PREFERENCE_KINDS, DPOMethod, KTOMethod, ORPOMethod, preference_rules
+from finetune.recipe.section import PositiveInt, RuleViolations, Section, check_rules
 
-
-class RuleViolations(ValueError):
-    """Raised by a cross-field rule; carries one (key path, message) per broken rule.
-
-    Pydantic keeps the exception in the error's context, so the loader can report each problem
-    at its own key path and YAML line instead of one message at the section.
-    """
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        super().__init__("; ".join(f"{path}: {msg}" for path, msg in problems))
-        self.problems = problems
-
-
-def check_rules(rules: list[tuple[bool, str, str]]) -> None:
-    """Raise RuleViolations for every (broken, key path, message) whose condition holds."""
-    problems = [(path, msg) for broken, path, msg in rules if broken]
-    if problems:
-        raise RuleViolations(problems)
-
-
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are an error, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=False)
+__all__ = ["Recipe", "RuleViolations", "Section", "check_rules", "DPOMethod", "KTOMethod", "ORPOMethod"]
 
 
 class ModelSection(Section):
     path: str = Field(
-        description="Base model: a local directory, a Hub id (org/name), or 'builtin:tiny-llama' / "
-        "'builtin:tiny-qwen3' for the offline tiny models."
+        description="Base model: a local directory, a Hub id (org/name), 'builtin:tiny-llama' / "
+        "'builtin:tiny-qwen3' for the offline tiny models, or the run directory of an earlier `finetune train` "
+        "(e.g. runs/my-sft) to train on from its output (see start_from)."
+    )
+    start_from: Literal["auto", "adapter", "merged"] = Field(
+        "auto",
+        description="When model.path is an earlier run: 'adapter' keeps training that run's LoRA/QLoRA adapter "
+        "on its base (the DPO/KTO reference is then the earlier run's model), 'merged' starts from "
+        "<run>/merged (written by `finetune merge`), 'auto' takes the adapter of an adapter run and the model "
+        "of a full fine-tuning run. Must stay 'auto' for other paths.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -61,11 +47,12 @@ class DatasetSpec(Section):
         description="A local .jsonl/.json/.parquet/.csv file, a Hub dataset id, or 'builtin:<file>' "
         "for the sample data shipped with finetune (e.g. builtin:sample_chat.jsonl)."
     )
-    format: Literal["messages", "prompt_completion", "preference"] = Field(
+    format: Literal["messages", "prompt_completion", "preference", "unpaired_preference"] = Field(
         "messages",
         description="Row shape: 'messages' (OpenAI chat: a list of {role, content}), "
         "'prompt_completion' ({prompt, completion}, strings or message lists), "
-        "'preference' ({prompt, chosen, rejected}, for DPO).",
+        "'preference' ({prompt, chosen, rejected}, for DPO, ORPO and KTO), "
+        "'unpaired_preference' ({prompt, completion, label: true|false}, for KTO).",
     )
     split: str = Field("train", description="Split to read (Hub datasets and dataset folders).")
     subset: str | None = Field(None, description="Hub dataset configuration (subset) name.")
@@ -104,17 +91,7 @@ class SFTMethod(Section):
     )
 
 
-DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero"]
-
-
-class DPOMethod(Section):
-    kind: Literal["dpo"] = Field(description="Direct preference optimisation on chosen/rejected pairs.")
-    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
-    loss_type: DPOLossType = Field("sigmoid", description="DPO loss variant.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label noise (conservative DPO).")
-
-
-Method = Annotated[SFTMethod | DPOMethod, Field(discriminator="kind")]
+Method = Annotated[SFTMethod | DPOMethod | ORPOMethod | KTOMethod, Field(discriminator="kind")]
 
 
 class LoraFields(Section):
@@ -225,6 +202,20 @@ class OutputSection(Section):
     )
 
 
+METHOD_FORMATS = {
+    "sft": ("messages", "prompt_completion"),
+    "dpo": ("preference",),
+    "orpo": ("preference",),
+    "kto": ("unpaired_preference", "preference"),
+}
+FORMAT_HINTS = {
+    "sft": "preference rows train with method.kind: dpo, orpo or kto",
+    "dpo": "use format: preference with prompt/chosen/rejected rows (SFT-shaped data trains with method.kind: sft)",
+    "orpo": "use format: preference with prompt/chosen/rejected rows (SFT-shaped data trains with method.kind: sft)",
+    "kto": "use format: unpaired_preference ({prompt, completion, label}) or preference pairs",
+}
+
+
 class Recipe(Section):
     """A whole fine-tuning run."""
 
@@ -235,7 +226,7 @@ class Recipe(Section):
     )
     model: ModelSection = Field(description="The base model.")
     data: DataSection = Field(description="Training and evaluation data.")
-    method: Method = Field(description="Training objective: {kind: sft} or {kind: dpo, ...}.")
+    method: Method = Field(description="Training objective: sft, or a preference method: dpo, orpo or kto.")
     adapter: Adapter = Field(
         default_factory=lambda: LoraAdapter(kind="lora"), description="What is trained: full, lora or qlora."
     )
@@ -255,20 +246,18 @@ class Recipe(Section):
     def _check_cross_section(self) -> Recipe:
         datasets = [("train", i, d) for i, d in enumerate(self.data.train)]
         datasets += [("eval", i, d) for i, d in enumerate(self.data.eval)]
-        dpo = self.method.kind == "dpo"
+        kind = self.method.kind
         rules = [
             (
-                dpo != (d.format == "preference"),
+                d.format not in METHOD_FORMATS[kind],
                 f"data.{split}.{i}.format",
-                f"is '{d.format}', but method.kind is '{self.method.kind}'; "
-                + (
-                    "DPO trains on preference pairs: use format: preference with prompt/chosen/rejected rows"
-                    if dpo
-                    else "SFT cannot train on preference pairs: use method.kind: dpo, or format: messages"
-                ),
+                f"is '{d.format}', but method.kind is '{kind}', which trains on "
+                f"{' or '.join(METHOD_FORMATS[kind])} rows; {FORMAT_HINTS[kind]}",
             )
             for split, i, d in datasets
         ]
+        if kind in PREFERENCE_KINDS:
+            rules += preference_rules(self)
         rules.append(
             (
                 bool(self.training.eval_steps) and not self.data.eval,
