@@ -29,10 +29,12 @@ def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> 
     precision = resolve_precision(recipe)
     model_path = resolve_model_path(recipe.model.path)
     tokenizer = load_tokenizer(model_path, recipe.model)
-    from finetune.data.templates import resolve_chat_template
+    from finetune.data.prepare import apply_chat_template, prepare_datasets, write_audit
 
-    tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template, tokenizer)
-    train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
+    apply_chat_template(recipe, tokenizer)
+    train_ds, eval_ds, audits = prepare_datasets(recipe, tokenizer, log)
+    write_audit(audits, run_dir / "audit.json")
+    train_ds, eval_ds = (_trainer_columns(recipe, ds) for ds in (train_ds, eval_ds))
 
     log(f"loading {recipe.model.path} ({precision.load_dtype}, {precision.device})")
     model = load_model(model_path, recipe, precision)
@@ -74,52 +76,12 @@ def claim_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
     return run_dir
 
 
-def _build_data(recipe: Recipe, tokenizer, run_dir: Path, log):
-    from finetune.data.pipeline import build_preference_split, build_sft_split, check_audits
-
-    data = recipe.data
-    if recipe.method.kind == "dpo":
-        train_ds, audits = build_preference_split(data.train, "data.train")
-        eval_ds, eval_audits = build_preference_split(data.eval, "data.eval") if data.eval else (None, [])
-    else:
-        template, max_length = tokenizer.chat_template, recipe.training.max_length
-        train_ds, audits = build_sft_split(data.train, "data.train", data, tokenizer, template, max_length)
-        eval_ds, eval_audits = (
-            build_sft_split(data.eval, "data.eval", data, tokenizer, template, max_length)
-            if data.eval
-            else (None, [])
-        )
-        for warning in check_audits(audits + eval_audits, data):
-            log(f"warning: {warning}")
-    _write_audit(audits + eval_audits, run_dir / "audit.json", log)
-    return train_ds, eval_ds
-
-
-def _write_audit(audits, path: Path, log) -> None:
-    records = []
-    for a in audits:
-        record = {
-            "dataset": a.name,
-            "rows": a.rows,
-            "kept": a.kept,
-            "dropped": {reason: {"count": len(w), "first": w[:5]} for reason, w in a.dropped.items()},
-            "tokens": a.tokens,
-            "trained_tokens": a.trained_tokens,
-            "trained_fraction": round(a.trained_fraction, 4),
-            "truncated_rows": a.truncated,
-            "length_p50": a.percentile(50),
-            "length_p95": a.percentile(95),
-            "length_max": max(a.lengths, default=0),
-        }
-        records.append(record)
-        trained = (
-            f", {a.trained_tokens}/{a.tokens} tokens trained ({a.trained_fraction:.1%})" if a.tokens else ""
-        )
-        dropped = sum(len(w) for w in a.dropped.values())
-        log(
-            f"data {a.name}: {a.kept}/{a.rows} rows kept, {dropped} dropped, {a.truncated} truncated{trained}"
-        )
-    path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+def _trainer_columns(recipe: Recipe, dataset):
+    """Only the columns the trainer reads (our `source` tags stay in the cache and the preview)."""
+    if dataset is None:
+        return None
+    keep = ["prompt", "chosen", "rejected"] if recipe.method.kind == "dpo" else ["input_ids", "labels"]
+    return dataset.select_columns(keep)
 
 
 def _training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
