@@ -29,9 +29,9 @@ def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> 
     precision = resolve_precision(recipe)
     model_path = resolve_model_path(recipe.model.path)
     tokenizer = load_tokenizer(model_path, recipe.model)
-    from finetune.data.prepare import apply_chat_template, prepare_datasets, write_audit
+    from finetune.data.prepare import prepare_datasets, set_chat_template, write_audit
 
-    apply_chat_template(recipe, tokenizer)
+    set_chat_template(recipe, tokenizer)
     train_ds, eval_ds, audits = prepare_datasets(recipe, tokenizer, log)
     write_audit(audits, run_dir / "audit.json")
     train_ds, eval_ds = (_trainer_columns(recipe, ds) for ds in (train_ds, eval_ds))

@@ -21,12 +21,12 @@ GOOD = {"messages": [USER, {"role": "assistant", "content": "The capital of Fran
 
 
 def tokenizer_for(recipe):
-    from finetune.data.prepare import apply_chat_template
+    from finetune.data.prepare import set_chat_template
     from finetune.model import load_tokenizer
     from finetune.tiny import resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.path), recipe.model)
-    apply_chat_template(recipe, tokenizer)
+    set_chat_template(recipe, tokenizer)
     return tokenizer
 
 
@@ -137,6 +137,15 @@ def test_folders_and_globs_read_every_data_file(tmp_path, torch_one_thread):
         prepare([{"path": str(folder / "c*.jsonl")}])
 
 
+def test_several_processes_give_the_same_rows(tmp_path, monkeypatch, torch_one_thread):
+    path = write_lines(tmp_path / "train.jsonl", [GOOD] * 30 + [{"messages": [USER]}] + [GOOD] * 9)
+    one = prepare([{"path": str(path)}], on_bad_row="skip")
+    monkeypatch.setattr("finetune.data.cache.cache_root", lambda: tmp_path / "other-cache")
+    two = prepare([{"path": str(path)}], on_bad_row="skip", num_proc=2)
+    assert one[0][:] == two[0][:] and one[2] == two[2]
+    assert two[2][0].dropped["no assistant turn"]["first"] == [f"{path}:31"]
+
+
 def test_hub_dataset_offline_says_why_and_how_to_fix():
     # A real load_dataset call: HF_HUB_OFFLINE=1 (conftest) makes it fail at once, as it would without network.
     with pytest.raises(UserError) as info:
@@ -232,9 +241,13 @@ def test_second_prepare_tokenises_nothing_until_content_changes(tmp_path, monkey
     monkeypatch.setattr(masks, "_tokenize", lambda *a, **k: calls.append(1) or tokenize(*a, **k))
     path = numbered(tmp_path / "train.jsonl", 30)
     log: list[str] = []
-    first = prepare([{"path": str(path)}], log=log)[0]
+    first, _, _, tokenizer = prepare([{"path": str(path)}], log=log)
     assert len(calls) == 30 and "cache entry" in log[0]
     calls.clear()
+    from finetune.data.prepare import prepare_datasets
+
+    prepare_datasets(make_recipe([{"path": str(path)}]), tokenizer, log.append)  # the same, used, tokenizer
+    assert calls == [] and "data: cache hit" in log[-2]
     os.utime(path, (1, 1))  # a new mtime, same bytes
     log.clear()
     again = prepare([{"path": str(path)}], log=log, num_proc=1, min_trainable_fraction=0.5)[0]

@@ -39,8 +39,19 @@ def tokenizer_digest(tokenizer) -> str:
         tokenizer.save_pretrained(tmp)
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
-                digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+                digest.update(path.name.encode() + b"\0" + _tokenizer_file_bytes(path) + b"\0")
     return digest.hexdigest()
+
+
+def _tokenizer_file_bytes(path: Path) -> bytes:
+    # tokenizer.json also records the padding/truncation a previous call left switched on: runtime
+    # state that changes once the tokenizer is used, not how it tokenises.
+    if path.name != "tokenizer.json":
+        return path.read_bytes()
+    state = json.loads(path.read_text(encoding="utf-8"))
+    state.pop("padding", None)
+    state.pop("truncation", None)
+    return json.dumps(state, sort_keys=True).encode()
 
 
 def cache_key(recipe, tokenizer, template: str | None, source_digests: dict[str, list[str]]) -> str:
@@ -59,11 +70,16 @@ def cache_key(recipe, tokenizer, template: str | None, source_digests: dict[str,
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def entry_path(key: str) -> Path:
+    """Where the entry of a key lives (whether or not it exists yet)."""
+    return cache_root() / key
+
+
 def load_entry(key: str):
     """(train, eval or None, audit records) of a complete entry, or None when there is none."""
     import datasets
 
-    entry = cache_root() / key
+    entry = entry_path(key)
     if not (entry / "audit.json").is_file():
         return None
     train = datasets.load_from_disk(str(entry / "train"))

@@ -30,7 +30,7 @@ def _prepare(recipe_path: Path, overrides: list[str]):
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides).recipe
-    from finetune.data.prepare import apply_chat_template, prepare_datasets
+    from finetune.data.prepare import prepare_datasets, set_chat_template
     from finetune.logs import quiet_libraries, stderr
     from finetune.model import load_tokenizer
     from finetune.tiny import resolve_model_path
@@ -39,7 +39,7 @@ def _prepare(recipe_path: Path, overrides: list[str]):
     with contextlib.redirect_stdout(sys.stderr):
         quiet_libraries()
         tokenizer = load_tokenizer(resolve_model_path(recipe.model.path), recipe.model)
-        apply_chat_template(recipe, tokenizer)
+        set_chat_template(recipe, tokenizer)
         train, evaluation, audits = prepare_datasets(recipe, tokenizer, stderr)
     return recipe, tokenizer, train, evaluation, audits
 

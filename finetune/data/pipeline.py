@@ -83,37 +83,42 @@ def encode_dataset(
 ):
     """Encode (SFT) or check (preference) one dataset; return its good rows and its audit."""
     import numpy as np
-    import pyarrow.compute
 
     audit = Audit(name=f"{key} {spec.path}")
     skipped: list[Skipped] = []
     encoded = _map_sources(spec, key, sources, section, tokenizer, template, max_length, preference, skipped)
-    columns = {name: encoded.data.column(name).to_numpy(zero_copy_only=False) for name in _stat_columns(preference)}
-    first = columns["chunk"] == 0 if "chunk" in columns else np.ones(len(encoded), bool)
-    bad = columns["bad"] != ""
+    stats = {name: encoded.data.column(name).to_numpy(zero_copy_only=False) for name in _stat_columns(preference)}
+    first = stats["chunk"] == 0 if "chunk" in stats else np.ones(len(encoded), bool)  # one per input row
+    bad = stats["bad"] != ""
     # rows that could not even be read (a non-UTF-8 line) were never encoded; empty files hold no row
     audit.rows = int(first.sum()) + sum(s.reason != "empty file" for s in skipped)
     for i in np.flatnonzero(bad):
-        skipped.append(Skipped(str(columns["source"][i]), str(columns["bad"][i]), str(columns["detail"][i])))
+        skipped.append(Skipped(str(stats["source"][i]), str(stats["bad"][i]), str(stats["detail"][i])))
     _refuse_bad_rows(skipped, section, key, spec)
     for item in skipped:
         audit.drop(item.reason, item.where)
-    keep = ~bad
-    if not preference:
-        masked = keep & (columns["n_trained"] == 0)
-        for i in np.flatnonzero(masked):
-            audit.drop(f"no trained token within max_length={max_length}", str(columns["source"][i]))
-        keep &= ~masked
-        lengths = pyarrow.compute.list_value_length(encoded.data.column("input_ids")).to_numpy()
-        audit.tokens = int(lengths[keep].sum())
-        audit.trained_tokens = int(columns["n_trained"][keep].sum())
-        audit.truncated = int(columns["truncated"][keep].sum())
-        audit.split_rows = int((keep & (columns["chunk"] == 1)).sum())
-        audit.set_lengths(columns["n_tokens"][keep & first])
+    keep = ~bad if preference else _count_tokens(encoded, stats, ~bad, first, audit, max_length)
     audit.kept = int((keep & first).sum())
-    kept = encoded.select(np.flatnonzero(keep))
     names = ["prompt", "chosen", "rejected", "source"] if preference else ["input_ids", "labels", "source"]
-    return kept.select_columns(names), audit
+    return encoded.select(np.flatnonzero(keep)).select_columns(names), audit
+
+
+def _count_tokens(encoded, stats, keep, first, audit: Audit, max_length: int):
+    """Drop rows left with no trained token, fill the audit's token counts; return the rows to keep."""
+    import numpy as np
+    import pyarrow.compute
+
+    masked = keep & (stats["n_trained"] == 0)
+    for i in np.flatnonzero(masked):
+        audit.drop(f"no trained token within max_length={max_length}", str(stats["source"][i]))
+    keep = keep & ~masked
+    lengths = pyarrow.compute.list_value_length(encoded.data.column("input_ids")).to_numpy()
+    audit.tokens = int(lengths[keep].sum())
+    audit.trained_tokens = int(stats["n_trained"][keep].sum())
+    audit.truncated = int(stats["truncated"][keep].sum())
+    audit.split_rows = int((keep & (stats["chunk"] == 1)).sum())
+    audit.set_lengths(stats["n_tokens"][keep & first])
+    return keep
 
 
 def _stat_columns(preference: bool) -> tuple[str, ...]:
@@ -152,7 +157,7 @@ def _map_sources(spec, key, sources, section, tokenizer, template, max_length, p
                 features=features,
                 num_proc=_processes(section, len(raw)),
                 # Our own cache (cache.py) decides what is reused; skip datasets' hashing of the tokenizer.
-                new_fingerprint=f"{source.digest[:32]}-{os.getpid()}-{id(raw)}",
+                new_fingerprint=f"{source.digest[-24:]}{os.getpid():x}{id(raw):x}"[:48],
                 load_from_cache_file=False,
                 desc=f"encoding {source.label}",
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.data.cache import cache_key, cache_root, load_entry, store_entry
+from finetune.data.cache import cache_key, entry_path, load_entry, store_entry
 from finetune.data.formats import CHAT_FORMATS
 from finetune.data.pipeline import Audit, check_audits, encode_dataset
 from finetune.data.sources import resolve_sources
@@ -20,7 +20,7 @@ from finetune.recipe.schema import Recipe
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
 
 
-def apply_chat_template(recipe: Recipe, tokenizer) -> str | None:
+def set_chat_template(recipe: Recipe, tokenizer) -> str | None:
     """Set the recipe's chat template on the tokenizer (it is saved with the output) and return it.
 
     Returns None when the recipe names no template and the tokenizer has none: plain text and string
@@ -42,7 +42,7 @@ def prepare_datasets(recipe: Recipe, tokenizer, log):
 
     SFT rows have `input_ids`, `labels` (-100 where no loss) and `source` ("file:line"); preference
     rows have `prompt`, `chosen`, `rejected` and `source`. Set the chat template on the tokenizer
-    first (`apply_chat_template`). Raises UserError for bad data, before any model is loaded.
+    first (`set_chat_template`). Raises UserError for bad data, before any model is loaded.
     """
     data = recipe.data
     template = getattr(tokenizer, "chat_template", None) or None
@@ -52,9 +52,9 @@ def prepare_datasets(recipe: Recipe, tokenizer, log):
     key = cache_key(recipe, tokenizer, template, {k: [s.digest for s in v] for k, v in sources.items()})
     entry = load_entry(key)
     if entry is not None:
-        log(f"data: cache hit, nothing to tokenise ({cache_root() / key})")
+        log(f"data: cache hit, nothing to tokenise ({entry_path(key)})")
     else:
-        log(f"data: preparing {len(specs)} dataset(s); cache entry {cache_root() / key}")
+        log(f"data: preparing {len(specs)} dataset(s); cache entry {entry_path(key)}")
         train, evaluation, audits = _build(recipe, tokenizer, template, sources)
         check_audits(audits, data)  # a dataset that trains nothing is not worth caching
         manifest = {"recipe": recipe.name, "sources": {k: [s.label for s in v] for k, v in sources.items()}}
