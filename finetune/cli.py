@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from finetune import __version__
+from finetune.data.commands import data_app
 from finetune.errors import UserError
 
 app = typer.Typer(
@@ -23,6 +24,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+app.add_typer(data_app, name="data")
 
 SET_HELP = "Override a recipe value by key path, e.g. --set training.learning_rate=1e-4 (repeatable)."
 

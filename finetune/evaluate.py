@@ -137,9 +137,7 @@ def mean_loss(loaded: Loaded, dataset, batch_size: int = 8) -> tuple[float, int]
             labels[i, : len(row_labels)] = torch.tensor(row_labels)
             mask[i, : len(row_ids)] = 1
         with torch.no_grad():
-            logits = loaded.model(
-                input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device)
-            ).logits.float()
+            logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device)).logits.float()
         shifted = labels[:, 1:].to(loaded.device)
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum"
@@ -170,11 +168,25 @@ def evaluate_one(loaded: Loaded, name: str, dataset, tasks: list[Task], sampling
 
 def loss_dataset(loaded: Loaded, specs, data_section, max_length: int):
     """Encode the loss data exactly as training does (template, masks, truncation)."""
-    from finetune.data.pipeline import build_sft_split
+    from finetune.data.mix import concatenate_and_shuffle
+    from finetune.data.pipeline import encode_dataset
+    from finetune.data.sources import resolve_sources
 
-    template = loaded.tokenizer.chat_template
-    dataset, _ = build_sft_split(specs, "data.eval", data_section, loaded.tokenizer, template, max_length)
-    return dataset
+    template, parts = loaded.tokenizer.chat_template, []
+    for i, spec in enumerate(specs):
+        key = f"data.eval[{i}]"
+        rows, _ = encode_dataset(
+            spec,
+            key,
+            resolve_sources(spec, key),
+            section=data_section,
+            tokenizer=loaded.tokenizer,
+            template=template,
+            max_length=max_length,
+            preference=False,
+        )
+        parts.append(rows.select_columns(["input_ids", "labels"]))
+    return concatenate_and_shuffle(parts, None)
 
 
 def render_table(results: dict[str, dict]) -> str:

@@ -2,7 +2,7 @@
 
 `builtin:tiny-llama` and `builtin:tiny-qwen3` name random-initialised ~1M-parameter models with a
 byte-level BPE tokenizer trained on the sample data, built locally on first use (no hub), so tests,
-quickstart and smoke runs work without a network. `builtin:<file>.jsonl` names a sample data file.
+quickstart and smoke runs work without a network. `builtin:<file>` names a sample data file.
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def resolve_model_path(spec: str) -> str:
 
 def builtin_data_files() -> list[str]:
     """Names of the sample data files shipped with the package."""
-    return sorted(p.name for p in BUILTIN_DATA_DIR.glob("*.jsonl"))
+    return sorted(p.name for p in BUILTIN_DATA_DIR.iterdir() if p.suffix in (".jsonl", ".json", ".csv", ".txt"))
 
 
 def resolve_data_path(spec: str) -> str:

@@ -29,9 +29,6 @@ def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> 
 
     precision = resolve_precision(recipe)
     tokenizer = load_tokenizer(start.tokenizer, recipe.model)
-    from finetune.data.templates import resolve_chat_template
-
-    tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template, tokenizer)
     train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
 
     log(f"loading {start.base} ({precision.load_dtype}, {precision.device})"
@@ -94,52 +91,18 @@ def claim_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
 
 
 def _build_data(recipe: Recipe, tokenizer, run_dir: Path, log):
-    from finetune.data.pipeline import build_sft_split, check_audits
+    """Train/eval datasets and audit.json: SFT rows tokenised (and cached) by us, preference rows by TRL."""
+    from finetune.data.prepare import prepare_datasets, set_chat_template, write_audit
 
-    data = recipe.data
+    set_chat_template(recipe, tokenizer)
     if recipe.method.kind in PREFERENCE_KINDS:
         from finetune.data.preference import build_preference_data
 
-        return build_preference_data(data, recipe.method.kind, run_dir / "audit.json", log)
-    else:
-        template, max_length = tokenizer.chat_template, recipe.training.max_length
-        train_ds, audits = build_sft_split(data.train, "data.train", data, tokenizer, template, max_length)
-        eval_ds, eval_audits = (
-            build_sft_split(data.eval, "data.eval", data, tokenizer, template, max_length)
-            if data.eval
-            else (None, [])
-        )
-        for warning in check_audits(audits + eval_audits, data):
-            log(f"warning: {warning}")
-    _write_audit(audits + eval_audits, run_dir / "audit.json", log)
-    return train_ds, eval_ds
-
-
-def _write_audit(audits, path: Path, log) -> None:
-    records = []
-    for a in audits:
-        record = {
-            "dataset": a.name,
-            "rows": a.rows,
-            "kept": a.kept,
-            "dropped": {reason: {"count": len(w), "first": w[:5]} for reason, w in a.dropped.items()},
-            "tokens": a.tokens,
-            "trained_tokens": a.trained_tokens,
-            "trained_fraction": round(a.trained_fraction, 4),
-            "truncated_rows": a.truncated,
-            "length_p50": a.percentile(50),
-            "length_p95": a.percentile(95),
-            "length_max": max(a.lengths, default=0),
-        }
-        records.append(record)
-        trained = (
-            f", {a.trained_tokens}/{a.tokens} tokens trained ({a.trained_fraction:.1%})" if a.tokens else ""
-        )
-        dropped = sum(len(w) for w in a.dropped.values())
-        log(
-            f"data {a.name}: {a.kept}/{a.rows} rows kept, {dropped} dropped, {a.truncated} truncated{trained}"
-        )
-    path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+        return build_preference_data(recipe.data, recipe.method.kind, run_dir / "audit.json", log)
+    train_ds, eval_ds, audits = prepare_datasets(recipe, tokenizer, log)
+    write_audit(audits, run_dir / "audit.json")
+    keep = ["input_ids", "labels"]  # our `source` tags stay in the cache and the preview
+    return train_ds.select_columns(keep), eval_ds.select_columns(keep) if eval_ds is not None else None
 
 
 def _add_to_audit(path: Path, record: dict) -> None:

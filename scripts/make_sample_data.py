@@ -8,6 +8,7 @@ few hundred steps. Usage: ``python scripts/make_sample_data.py [--out-dir DIR]``
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import random
 from collections.abc import Callable
@@ -170,11 +171,77 @@ def make_eval(rng: random.Random, train: list[dict], n: int = 30) -> list[dict]:
     return rows
 
 
+def make_sharegpt(rng: random.Random, n: int = 120) -> list[dict]:
+    """ShareGPT rows: {"conversations": [{"from": "human"|"gpt", "value": ...}]}, some with a system field."""
+    rows = []
+    for _ in range(n):
+        chat = chat_row(rng)["messages"]
+        who = {"user": "human", "assistant": "gpt"}
+        row: dict = {}
+        if chat[0]["role"] == "system":
+            row["system"] = chat.pop(0)["content"]
+        row["conversations"] = [{"from": who[m["role"]], "value": m["content"]} for m in chat]
+        rows.append(row)
+    return rows
+
+
+ALPACA_INSTRUCTIONS = ["Answer the question.", "Answer in one sentence.", "Reply briefly."]
+
+
+def make_alpaca(rng: random.Random, n: int = 120) -> list[dict]:
+    """Alpaca rows: the question is the instruction, or the input under a generic instruction."""
+    rows = []
+    for _ in range(n):
+        question, answer, _ = random_qa(rng)
+        if rng.random() < 0.5:
+            rows.append({"instruction": question, "input": "", "output": answer})
+        else:
+            rows.append({"instruction": rng.choice(ALPACA_INSTRUCTIONS), "input": question, "output": answer})
+    return rows
+
+
+def make_text(rng: random.Random, n: int = 60) -> list[str]:
+    """Paragraphs of plain prose stating the sample facts, for continued pretraining."""
+    paragraphs = []
+    for _ in range(n):
+        facts = [random_qa(rng)[1] for _ in range(rng.randint(2, 4))]
+        lines = [" ".join(facts[: len(facts) // 2 or 1]), " ".join(facts[len(facts) // 2 or 1 :])]
+        paragraphs.append("\n".join(line for line in lines if line))
+    return paragraphs
+
+
+def make_qa_csv(rng: random.Random, n: int = 80) -> list[dict]:
+    """question/answer rows with their own column names (mapped to alpaca with `columns:`)."""
+    return [dict(zip(("question", "answer"), random_qa(rng)[:2], strict=True)) for _ in range(n)]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write one compact JSON object per line."""
     with path.open("w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {path} ({len(rows)} rows, {path.stat().st_size} bytes)")
+
+
+def write_json(path: Path, rows: list[dict]) -> None:
+    """Write a JSON list, one row per line (readable, and diffs stay small)."""
+    text = "[\n" + ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n]\n"
+    path.write_text(text, encoding="utf-8", newline="\n")
+    print(f"wrote {path} ({len(rows)} rows, {path.stat().st_size} bytes)")
+
+
+def write_text(path: Path, paragraphs: list[str]) -> None:
+    """Write paragraphs separated by blank lines."""
+    path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8", newline="\n")
+    print(f"wrote {path} ({len(paragraphs)} paragraphs, {path.stat().st_size} bytes)")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write a CSV file with a header row."""
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     print(f"wrote {path} ({len(rows)} rows, {path.stat().st_size} bytes)")
 
 
@@ -191,6 +258,10 @@ def main() -> None:
     write_jsonl(out / "sample_preference.jsonl", make_preference(random.Random(SEED + 2)))
     write_jsonl(out / "sample_eval_chat.jsonl", make_eval(random.Random(SEED + 3), chat))
     write_jsonl(out / "sample_unpaired_preference.jsonl", make_unpaired_preference(random.Random(SEED + 4)))
+    write_jsonl(out / "sample_sharegpt.jsonl", make_sharegpt(random.Random(SEED + 4)))
+    write_json(out / "sample_alpaca.json", make_alpaca(random.Random(SEED + 5)))
+    write_text(out / "sample_text.txt", make_text(random.Random(SEED + 6)))
+    write_csv(out / "sample_qa.csv", make_qa_csv(random.Random(SEED + 7)))
 
 
 if __name__ == "__main__":

@@ -102,24 +102,34 @@ def test_existing_run_dir_is_not_overwritten(lora_run):
     assert (lora_run / "recipe.yaml").read_text() == before
 
 
+def encode_builtin(name: str, tokenizer, **spec):
+    """Encode a shipped sample file as the pipeline does; also return its rows by "file:line" tag."""
+    from finetune.data.pipeline import encode_dataset
+    from finetune.data.sources import resolve_sources
+    from finetune.recipe.schema import DataSection, DatasetSpec
+    from finetune.tiny import resolve_data_path
+
+    spec = DatasetSpec(path=f"builtin:{name}", **spec)
+    dataset, audit = encode_dataset(spec, "data.train[0]", resolve_sources(spec, "data.train[0]"),
+                                    section=DataSection(train=[spec]), tokenizer=tokenizer,
+                                    template=tokenizer.chat_template, max_length=4096, preference=False)
+    lines = Path(resolve_data_path(spec.path)).read_text().splitlines()
+    return dataset, audit, {f"{spec.path}:{n}": json.loads(line) for n, line in enumerate(lines, start=1)}
+
+
 def test_labels_cover_exactly_the_assistant_tokens(torch_one_thread):
     from transformers import AutoTokenizer
 
-    from finetune.data.pipeline import build_sft_split
-    from finetune.data.sources import read_rows
-    from finetune.recipe.schema import DataSection, DatasetSpec
     from finetune.tiny import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
-    spec = DatasetSpec(path="builtin:sample_chat.jsonl", max_rows=40)
-    section = DataSection(train=[spec])
-    dataset, audits = build_sft_split([spec], "data.train", section, tokenizer, tokenizer.chat_template, 4096)
-    rows = read_rows(spec)
-    assert audits[0].kept == len(rows) == len(dataset)
-    for row, item in zip(rows, dataset, strict=True):
+    dataset, audit, rows = encode_builtin("sample_chat.jsonl", tokenizer, max_rows=40)
+    assert audit.kept == len(dataset) == 40
+    for item in dataset:
         trained = [t for t, label in zip(item["input_ids"], item["labels"], strict=True) if label != -100]
-        expected = "".join(m["content"] + "<|im_end|>" for m in row.data["messages"] if m["role"] == "assistant")
-        assert tokenizer.decode(trained) == expected, row.where
+        messages = rows[item["source"]]["messages"]
+        expected = "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+        assert tokenizer.decode(trained) == expected, item["source"]
 
 
 def test_sft_qlora_trains_on_a_4bit_base_and_merges_unquantised(tmp_path, torch_one_thread):
@@ -147,17 +157,15 @@ def test_sft_full_trains_a_complete_model_and_merge_refuses(tmp_path, torch_one_
 def test_prompt_completion_trains_completion_and_eos_only(tmp_path, torch_one_thread):
     from transformers import AutoTokenizer
 
-    from finetune.data.pipeline import build_sft_split
-    from finetune.data.sources import read_rows
-    from finetune.recipe.schema import DataSection, DatasetSpec
     from finetune.tiny import resolve_model_path
 
-    spec = DatasetSpec(path="builtin:sample_prompt_completion.jsonl", format="prompt_completion", max_rows=20)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
-    dataset, _ = build_sft_split([spec], "data.train", DataSection(train=[spec]), tokenizer, None, 4096)
-    for row, item in zip(read_rows(spec), dataset, strict=True):
+    dataset, _, rows = encode_builtin("sample_prompt_completion.jsonl", tokenizer, format="prompt_completion",
+                                      max_rows=20)
+    assert len(dataset) == 20
+    for item in dataset:
         trained = [t for t, label in zip(item["input_ids"], item["labels"], strict=True) if label != -100]
-        assert tokenizer.decode(trained) == row.data["completion"] + tokenizer.eos_token, row.where
+        assert tokenizer.decode(trained) == rows[item["source"]]["completion"] + tokenizer.eos_token, item["source"]
     run_dir = train(make_recipe(tmp_path, "pc", data={"train": [
         {"path": "builtin:sample_prompt_completion.jsonl", "format": "prompt_completion", "max_rows": 32}]},
         training={"max_steps": 3}))

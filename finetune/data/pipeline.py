@@ -1,16 +1,23 @@
-"""Data stage: check row shapes, encode with loss masks, truncate, and audit what will be trained."""
+"""Data stage: read each dataset, encode it with loss masks (batched, multi-process), and audit it.
+
+A dataset goes through one `datasets.map` that parses, checks and encodes every row; bad rows come
+out flagged rather than raising, so the audit can count them ("skip") or the run can stop listing
+the first few with their file and line ("error").
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from finetune.data.sources import Row, read_rows
+from finetune.data.encode import check_preference_batch, encode_sft_batch, preference_features, sft_features
+from finetune.data.sources import Skipped, Source, read_source
 from finetune.errors import UserError
 from finetune.recipe.schema import DataSection, DatasetSpec
 
-ROLES = {"system", "user", "assistant"}
-MAX_REPORTED = 5  # bad rows listed in one error; more would bury the first ones
+MAX_REPORTED = 5  # bad rows listed in one error or audit entry; more would bury the first ones
+ROWS_PER_PROCESS = 10_000  # below this, starting a worker process costs more than it saves
 
 
 @dataclass
@@ -20,143 +27,175 @@ class Audit:
     name: str
     rows: int = 0
     kept: int = 0
-    dropped: dict[str, list[str]] = field(default_factory=dict)
+    dropped: dict[str, dict[str, Any]] = field(default_factory=dict)  # reason -> {count, first}
     tokens: int = 0
     trained_tokens: int = 0
     truncated: int = 0
-    lengths: list[int] = field(default_factory=list)
+    split_rows: int = 0  # text rows longer than max_length, split into several sequences
+    held_out: int = 0  # rows moved to the eval split by data.eval_fraction
+    mixed_rows: int = 0  # rows per epoch after weight / samples
+    length_p50: int = 0
+    length_p95: int = 0
+    length_max: int = 0
 
     @property
     def trained_fraction(self) -> float:
         return self.trained_tokens / self.tokens if self.tokens else 0.0
 
-    def percentile(self, q: float) -> int:
-        if not self.lengths:
-            return 0
-        ordered = sorted(self.lengths)
-        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+    @property
+    def dropped_rows(self) -> int:
+        return sum(entry["count"] for entry in self.dropped.values())
 
     def drop(self, reason: str, where: str) -> None:
-        self.dropped.setdefault(reason, []).append(where)
+        entry = self.dropped.setdefault(reason, {"count": 0, "first": []})
+        entry["count"] += 1
+        if len(entry["first"]) < MAX_REPORTED:
+            entry["first"].append(where)
+
+    def set_lengths(self, lengths) -> None:
+        import numpy as np
+
+        if len(lengths):
+            self.length_p50, self.length_p95 = (int(v) for v in np.percentile(lengths, [50, 95], method="lower"))
+            self.length_max = int(np.max(lengths))
+
+    def to_record(self) -> dict[str, Any]:
+        """The audit as written to audit.json (with the trained fraction)."""
+        record = asdict(self)
+        return {"dataset": record.pop("name"), **record, "trained_fraction": round(self.trained_fraction, 4)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Audit:
+        names = {f.name for f in fields(cls)}
+        return cls(name=record["dataset"], **{k: v for k, v in record.items() if k in names and k != "name"})
 
 
-def check_row(row: Row, fmt: str) -> str | None:
-    """Return what is wrong with a row's shape for its format, or None."""
-    data = row.data
-    if fmt == "messages":
-        return _check_messages(data.get("messages"), "messages", need_assistant=True)
-    if fmt == "prompt_completion":
-        prompt, completion = data.get("prompt"), data.get("completion")
-        if prompt is None or completion is None:
-            return f"needs 'prompt' and 'completion' fields, found {sorted(data)}"
-        if isinstance(prompt, str) and isinstance(completion, str):
-            return None if completion.strip() else "'completion' is empty"
-        if isinstance(prompt, list) and isinstance(completion, list):
-            return _check_messages(prompt, "prompt", need_assistant=False) or _check_messages(
-                completion, "completion", need_assistant=True
-            )
-        return "'prompt' and 'completion' must both be strings or both be lists of messages"
-    if fmt in ("preference", "unpaired_preference"):
-        from finetune.data.preference import check_preference_row
-
-        return check_preference_row(data, fmt)
-    raise AssertionError(fmt)
-
-
-def _check_messages(messages: Any, key: str, *, need_assistant: bool) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return f"'{key}' must be a non-empty list of {{role, content}} objects"
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            return f"{key}[{i}] must be an object with 'role' and 'content'"
-        if message["role"] not in ROLES:
-            return f"{key}[{i}].role is {message['role']!r}; expected one of {', '.join(sorted(ROLES))}"
-        if not isinstance(message["content"], str):
-            return f"{key}[{i}].content must be a string"
-        if message["role"] == "assistant" and not message["content"].strip():
-            return f"{key}[{i}] is an empty assistant turn"
-    if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        return f"'{key}' has no assistant turn, so nothing would be trained"
-    return None
-
-
-def load_checked_rows(spec: DatasetSpec, key: str) -> list[Row]:
-    """Read a dataset and refuse it, naming up to five rows, if any row has the wrong shape."""
-    rows = read_rows(spec)
-    bad = []
-    for row in rows:
-        problem = check_row(row, spec.format)
-        if problem:
-            bad.append(f"{row.where}: {problem}")
-    if bad:
-        shown = bad[:MAX_REPORTED] + (
-            [f"... and {len(bad) - MAX_REPORTED} more"] if len(bad) > MAX_REPORTED else []
-        )
-        raise UserError(
-            f"{key}: {len(bad)} of {len(rows)} rows do not fit format '{spec.format}'", problems=shown
-        )
-    return rows
-
-
-def encode_row(row: Row, fmt: str, tokenizer, template: str, train_on: str):
-    """Token ids and labels (-100 where no loss) for one SFT row."""
-    from finetune.data.masks import Encoded, encode_messages, encode_prompt_completion
-
-    try:
-        if fmt == "messages":
-            mode = "all_assistant" if train_on == "all" else train_on
-            encoded = encode_messages(tokenizer, row.data["messages"], chat_template=template, train_on=mode)
-        else:
-            encoded = encode_prompt_completion(
-                tokenizer, row.data["prompt"], row.data["completion"], chat_template=template
-            )
-    except UserError as exc:
-        raise UserError(f"{row.where}: {exc}", problems=exc.problems) from None
-    if train_on == "all":
-        encoded = Encoded(input_ids=encoded.input_ids, labels=list(encoded.input_ids))
-    return encoded
-
-
-def build_sft_split(
-    specs: list[DatasetSpec], key: str, section: DataSection, tokenizer, template: str, max_length: int
+def encode_dataset(
+    spec: DatasetSpec,
+    key: str,
+    sources: list[Source],
+    *,
+    section: DataSection,
+    tokenizer,
+    template: str | None,
+    max_length: int,
+    preference: bool,
 ):
-    """Encode every dataset of a split into one `datasets.Dataset` of input_ids/labels, with audits."""
+    """Encode (SFT) or check (preference) one dataset; return its good rows and its audit."""
+    import numpy as np
+
+    audit = Audit(name=f"{key} {spec.path}")
+    skipped: list[Skipped] = []
+    encoded = _map_sources(spec, key, sources, section, tokenizer, template, max_length, preference, skipped)
+    stats = {name: encoded.data.column(name).to_numpy(zero_copy_only=False) for name in _stat_columns(preference)}
+    first = stats["chunk"] == 0 if "chunk" in stats else np.ones(len(encoded), bool)  # one per input row
+    bad = stats["bad"] != ""
+    # rows that could not even be read (a non-UTF-8 line) were never encoded; empty files hold no row
+    audit.rows = int(first.sum()) + sum(s.reason != "empty file" for s in skipped)
+    for i in np.flatnonzero(bad):
+        skipped.append(Skipped(str(stats["source"][i]), str(stats["bad"][i]), str(stats["detail"][i])))
+    _refuse_bad_rows(skipped, section, key, spec)
+    for item in skipped:
+        audit.drop(item.reason, item.where)
+    keep = ~bad if preference else _count_tokens(encoded, stats, ~bad, first, audit, max_length)
+    audit.kept = int((keep & first).sum())
+    names = ["prompt", "chosen", "rejected", "source"] if preference else ["input_ids", "labels", "source"]
+    return encoded.select(np.flatnonzero(keep)).select_columns(names), audit
+
+
+def _count_tokens(encoded, stats, keep, first, audit: Audit, max_length: int):
+    """Drop rows left with no trained token, fill the audit's token counts; return the rows to keep."""
+    import numpy as np
+    import pyarrow.compute
+
+    masked = keep & (stats["n_trained"] == 0)
+    for i in np.flatnonzero(masked):
+        audit.drop(f"no trained token within max_length={max_length}", str(stats["source"][i]))
+    keep = keep & ~masked
+    lengths = pyarrow.compute.list_value_length(encoded.data.column("input_ids")).to_numpy()
+    audit.tokens = int(lengths[keep].sum())
+    audit.trained_tokens = int(stats["n_trained"][keep].sum())
+    audit.truncated = int(stats["truncated"][keep].sum())
+    audit.split_rows = int((keep & (stats["chunk"] == 1)).sum())
+    audit.set_lengths(stats["n_tokens"][keep & first])
+    return keep
+
+
+def _stat_columns(preference: bool) -> tuple[str, ...]:
+    return (
+        ("source", "bad", "detail")
+        if preference
+        else ("source", "bad", "detail", "n_trained", "n_tokens", "truncated", "chunk")
+    )
+
+
+def _map_sources(spec, key, sources, section, tokenizer, template, max_length, preference, skipped):
     import datasets
 
-    columns: dict[str, list] = {"input_ids": [], "labels": []}
-    audits = []
-    for i, spec in enumerate(specs):
-        audit = Audit(name=f"{key}[{i}] {spec.path}")
-        for row in load_checked_rows(spec, f"{key}[{i}]"):
-            audit.rows += 1
-            encoded = encode_row(row, spec.format, tokenizer, template, section.train_on)
-            ids, labels = encoded.input_ids, encoded.labels
-            audit.lengths.append(len(ids))
-            if len(ids) > max_length:
-                audit.truncated += 1
-                ids, labels = ids[:max_length], labels[:max_length]
-            trained = sum(label != -100 for label in labels)
-            if trained == 0:
-                audit.drop(f"no trained token within max_length={max_length}", row.where)
-                continue
-            audit.kept += 1
-            audit.tokens += len(ids)
-            audit.trained_tokens += trained
-            columns["input_ids"].append(ids)
-            columns["labels"].append(labels)
-        audits.append(audit)
-    return datasets.Dataset.from_dict(columns), audits
+    parts, remaining = [], spec.max_rows
+    for source in sources:
+        if remaining is not None and remaining <= 0:
+            break
+        raw = read_source(source, spec.model_copy(update={"max_rows": remaining}), skipped)
+        if remaining is not None:
+            remaining -= len(raw)
+        if len(raw) == 0:
+            continue
+        kwargs: dict[str, Any] = {"spec": spec, "label": source.label}
+        if preference:
+            function, features = check_preference_batch, preference_features()
+        else:
+            function, features = encode_sft_batch, sft_features()
+            kwargs.update(tokenizer=tokenizer, template=template, train_on=section.train_on, max_length=max_length)
+        parts.append(
+            raw.map(
+                function,
+                batched=True,
+                with_indices=True,
+                fn_kwargs=kwargs,
+                remove_columns=raw.column_names,
+                features=features,
+                num_proc=_processes(section, len(raw)),
+                # Our own cache (cache.py) decides what is reused; skip datasets' hashing of the tokenizer.
+                new_fingerprint=f"{source.digest[-24:]}{os.getpid():x}{id(raw):x}"[:48],
+                load_from_cache_file=False,
+                desc=f"encoding {source.label}",
+            )
+        )
+    if not parts:
+        features = preference_features() if preference else sft_features()
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _processes(section: DataSection, rows: int) -> int | None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wanted = section.num_proc or min(cores, rows // ROWS_PER_PROCESS)
+    return wanted if wanted > 1 and rows >= 2 * wanted else None
+
+
+def _refuse_bad_rows(skipped: list[Skipped], section: DataSection, key: str, spec: DatasetSpec) -> None:
+    if not skipped or section.on_bad_row == "skip":
+        return
+    shown = [f"{s.where}: {s.detail}" for s in skipped[:MAX_REPORTED]]
+    if len(skipped) > MAX_REPORTED:
+        shown.append(f"... and {len(skipped) - MAX_REPORTED} more")
+    noun = "row does" if len(skipped) == 1 else "rows do"
+    raise UserError(
+        f"{key}: {len(skipped)} {noun} not fit format '{spec.format}' ({spec.path}); fix them, or set "
+        "data.on_bad_row: skip to leave them out (they are counted in the audit)",
+        problems=shown,
+    )
 
 
 def check_audits(audits: list[Audit], section: DataSection) -> list[str]:
     """Raise when a dataset would train nothing; return warnings for suspiciously few trained tokens."""
-    empty = [a for a in audits if a.rows and a.trained_tokens == 0]
+    empty = [a for a in audits if a.kept == 0 or (a.tokens and a.trained_tokens == 0)]
     if empty:
         raise UserError(
             "no trained tokens: every row was masked out or dropped, so training would learn nothing",
             problems=[
-                f"{a.name}: {a.rows} rows, {sum(map(len, a.dropped.values()))} dropped "
-                f"({'; '.join(a.dropped) or 'labels all masked'})"
+                f"{a.name}: {a.rows} rows, {a.dropped_rows} dropped ({'; '.join(a.dropped) or 'labels all masked'})"
                 for a in empty
             ],
         )

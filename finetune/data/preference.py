@@ -8,13 +8,44 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.data.pipeline import Audit, _check_messages, load_checked_rows
-from finetune.data.sources import Row
+from finetune.data.pipeline import MAX_REPORTED, Audit
+from finetune.data.sources import Row, read_rows
 from finetune.errors import UserError
 from finetune.recipe.schema import DataSection, DatasetSpec, Recipe
 
+ROLES = ("system", "user", "assistant")
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 UNPAIRED_KEYS = ("prompt", "completion", "label")
+
+
+def load_checked_rows(spec: DatasetSpec, key: str) -> list[Row]:
+    """Read a preference dataset and refuse it, naming up to five rows, if any row has the wrong shape."""
+    rows = read_rows(spec, key)
+    bad = [f"{row.where}: {problem}" for row in rows if (problem := check_preference_row(row.data, spec.format))]
+    if bad:
+        more = [f"... and {len(bad) - MAX_REPORTED} more"] if len(bad) > MAX_REPORTED else []
+        raise UserError(
+            f"{key}: {len(bad)} of {len(rows)} rows do not fit format '{spec.format}'",
+            problems=bad[:MAX_REPORTED] + more,
+        )
+    return rows
+
+
+def _check_messages(messages: Any, key: str, *, need_assistant: bool) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"'{key}' must be a non-empty list of {{role, content}} objects"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            return f"{key}[{i}] must be an object with 'role' and 'content'"
+        if message["role"] not in ROLES:
+            return f"{key}[{i}].role is {message['role']!r}; expected one of {', '.join(ROLES)}"
+        if not isinstance(message["content"], str):
+            return f"{key}[{i}].content must be a string"
+        if message["role"] == "assistant" and not message["content"].strip():
+            return f"{key}[{i}] is an empty assistant turn"
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        return f"'{key}' has no assistant turn, so nothing would be trained"
+    return None
 
 
 def check_preference_row(data: dict[str, Any], fmt: str) -> str | None:

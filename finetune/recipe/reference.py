@@ -62,6 +62,8 @@ def _plain(annotation: Any) -> str:
         return " | ".join(f"`{a}`" for a in args)
     if origin is list:
         return f"list of {_plain(args[0])}"
+    if origin is dict:
+        return f"mapping of {_plain(args[0])} to {_plain(args[1])}"
     if origin is Union or type(annotation).__name__ == "UnionType":
         return " | ".join(_plain(a) for a in args)
     if args and hasattr(annotation, "__metadata__"):  # Annotated[int, Field(gt=0)]
@@ -76,5 +78,5 @@ def _default(field) -> str:
         return "**required**"
     if field.default_factory is not None:
         value = field.default_factory()
-        return "`[]`" if value == [] else "see below"
+        return f"`{value}`" if value in ([], {}) else "see below"
     return f"`{field.default}`" if field.default is not None else "`null`"

@@ -42,25 +42,98 @@ class ModelSection(Section):
     )
 
 
+# Fields of each row format that `columns` may rename; the optional ones may be absent from a row.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages", "system"),
+    "sharegpt": ("conversations", "system"),
+    "alpaca": ("instruction", "input", "output", "system"),
+    "prompt_completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"),
+    "text": ("text",),
+}
+ChatRole = Literal["system", "user", "assistant"]
+
+
 class DatasetSpec(Section):
     path: str = Field(
-        description="A local .jsonl/.json/.parquet/.csv file, a Hub dataset id, or 'builtin:<file>' "
-        "for the sample data shipped with finetune (e.g. builtin:sample_chat.jsonl)."
+        description="A local file (.jsonl/.json/.parquet/.csv/.txt), a folder or glob of such files "
+        "(e.g. data/*.jsonl), a Hub dataset id (org/name), or 'builtin:<file>' for the sample data "
+        "shipped with finetune (e.g. builtin:sample_chat.jsonl)."
     )
-    format: Literal["messages", "prompt_completion", "preference", "unpaired_preference"] = Field(
+    format: Literal[
+        "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "unpaired_preference", "text"
+    ] = Field(
         "messages",
-        description="Row shape: 'messages' (OpenAI chat: a list of {role, content}), "
+        description="Row shape: 'messages' (OpenAI chat: a list of {role, content}, optional 'system'), "
+        "'sharegpt' ({conversations: [{from, value}]}, roles human/gpt/system), "
+        "'alpaca' ({instruction, input, output}), "
         "'prompt_completion' ({prompt, completion}, strings or message lists), "
         "'preference' ({prompt, chosen, rejected}, for DPO, ORPO and KTO), "
-        "'unpaired_preference' ({prompt, completion, label: true|false}, for KTO).",
+        "'unpaired_preference' ({prompt, completion, label: true|false}, for KTO), "
+        "'text' ({text}, or .txt paragraphs: continued pretraining, every token trained).",
     )
-    split: str = Field("train", description="Split to read (Hub datasets and dataset folders).")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column names of this data for the format's fields, when they differ: "
+        "e.g. {messages: conversation} or {instruction: question, output: answer}.",
+    )
+    roles: dict[str, ChatRole] = Field(
+        default_factory=dict,
+        description="Extra role names of messages/sharegpt rows and what they mean, e.g. {bot: assistant}. "
+        "ShareGPT's human, gpt and system are known already.",
+    )
+    split: str = Field("train", description="Split of a Hub dataset to read (slices like train[:10%] work).")
     subset: str | None = Field(None, description="Hub dataset configuration (subset) name.")
     max_rows: PositiveInt | None = Field(None, description="Use only the first N rows of this dataset.")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Share of this dataset in the mix: rows used per epoch = weight x rows kept "
+        "(2 repeats every row twice, 0.5 keeps a random half).",
+    )
+    samples: PositiveInt | None = Field(
+        None,
+        description="Use exactly this many rows per epoch (a random subset, or rows repeated when it "
+        "exceeds the rows kept). Instead of weight.",
+    )
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> DatasetSpec:
+        fields = FORMAT_FIELDS[self.format]
+        rules = [
+            (
+                key not in fields,
+                f"columns.{key}",
+                f"format '{self.format}' has no field '{key}'; its fields are {', '.join(fields)}",
+            )
+            for key in self.columns
+        ]
+        rules += [
+            (
+                bool(self.roles) and self.format not in ("messages", "sharegpt"),
+                "roles",
+                f"only messages and sharegpt rows have roles; remove it for format '{self.format}'",
+            ),
+            (
+                self.path.endswith(".txt") and self.format != "text",
+                "format",
+                f"is '{self.format}', but a .txt file holds plain text; use format: text",
+            ),
+            (
+                self.samples is not None and self.weight != 1.0,
+                "samples",
+                "set either samples (a row count) or weight (a factor), not both",
+            ),
+        ]
+        check_rules(rules)
+        return self
 
 
 class DataSection(Section):
-    train: list[DatasetSpec] = Field(min_length=1, description="Datasets to train on, concatenated.")
+    train: list[DatasetSpec] = Field(
+        min_length=1, description="Datasets to train on, mixed (see weight, samples) and shuffled with training.seed."
+    )
     eval: list[DatasetSpec] = Field(
         default_factory=list, description="Held-out datasets for evaluation during training."
     )
@@ -81,6 +154,35 @@ class DataSection(Section):
         le=1,
         description="Warn when fewer than this fraction of a dataset's tokens are trained on.",
     )
+    eval_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Hold out this fraction of each training dataset (a seeded random choice) for "
+        "evaluation, instead of listing data.eval.",
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="What a malformed row does: 'error' stops with its file and line; 'skip' leaves it out "
+        "and counts it in the audit with the first few row numbers.",
+    )
+    num_proc: PositiveInt | None = Field(
+        None,
+        description="Processes that tokenise (default: one per 10,000 rows, at most one per CPU core).",
+    )
+
+    @model_validator(mode="after")
+    def _check_eval(self) -> DataSection:
+        check_rules(
+            [
+                (
+                    self.eval_fraction is not None and bool(self.eval),
+                    "eval_fraction",
+                    "set either data.eval (held-out files) or data.eval_fraction, not both",
+                )
+            ]
+        )
+        return self
 
 
 class SFTMethod(Section):
@@ -173,7 +275,9 @@ class TrainingSection(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for weights of new modules, shuffling and dropout.")
     logging_steps: PositiveInt = Field(10, description="Log metrics every N optimizer steps.")
-    eval_steps: PositiveInt | None = Field(None, description="Evaluate every N steps (needs data.eval).")
+    eval_steps: PositiveInt | None = Field(
+        None, description="Evaluate every N steps (needs data.eval or data.eval_fraction)."
+    )
     save_steps: PositiveInt | None = Field(None, description="Save a checkpoint every N steps.")
     save_total_limit: PositiveInt | None = Field(2, description="Keep at most this many checkpoints.")
 
@@ -203,7 +307,7 @@ class OutputSection(Section):
 
 
 METHOD_FORMATS = {
-    "sft": ("messages", "prompt_completion"),
+    "sft": ("messages", "sharegpt", "alpaca", "prompt_completion", "text"),
     "dpo": ("preference",),
     "orpo": ("preference",),
     "kto": ("unpaired_preference", "preference"),
@@ -260,9 +364,9 @@ class Recipe(Section):
             rules += preference_rules(self)
         rules.append(
             (
-                bool(self.training.eval_steps) and not self.data.eval,
+                bool(self.training.eval_steps) and not self.data.eval and self.data.eval_fraction is None,
                 "training.eval_steps",
-                "is set but data.eval is empty; add data.eval datasets or remove eval_steps",
+                "is set but data.eval is empty and data.eval_fraction unset; add eval data or remove eval_steps",
             )
         )
         check_rules(rules)
