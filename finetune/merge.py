@@ -32,6 +32,7 @@ class MergeSource:
     base: str
     run_dir: Path | None
     adapter_kind: str  # lora or qlora
+    allow_pickle: bool = False  # the run's model.allow_pickle_weights: else only safetensors bases load
 
 
 def locate(source: Path) -> MergeSource:
@@ -54,7 +55,10 @@ def locate(source: Path) -> MergeSource:
             raise UserError(
                 f"{source}: no adapter in {adapter_dir}; did the run finish? (see {source}/metrics.jsonl)"
             )
-        return MergeSource(adapter_dir, resolve_model_path(recipe.model.path), source, recipe.adapter.kind)
+        return MergeSource(
+            adapter_dir, resolve_model_path(recipe.model.path), source, recipe.adapter.kind,
+            recipe.model.allow_pickle_weights,
+        )
     config_file = source / "adapter_config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -95,7 +99,9 @@ def run_merge(source: Path, *, out: Path | None = None, dtype: str | None = None
     save_dtype = getattr(torch, dtype) if dtype else base_dtype
     tokenizer = AutoTokenizer.from_pretrained(found.adapter_dir)
     log(f"merging {found.adapter_dir} into {found.base} (base dtype {_name(base_dtype)}, merge in float32)")
-    base = AutoModelForCausalLM.from_pretrained(found.base, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        found.base, dtype=torch.float32, use_safetensors=None if found.allow_pickle else True
+    )
     model = PeftModel.from_pretrained(base, found.adapter_dir).eval()
     inputs = _verify_inputs(tokenizer)
     reference = _logits(model, inputs)
@@ -126,6 +132,10 @@ def run_merge(source: Path, *, out: Path | None = None, dtype: str | None = None
         "merged_generations": merged_text,
     }
     (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if found.run_dir is not None:
+        from finetune.provenance import carry_into_merged
+
+        carry_into_merged(found.run_dir, out, report)
     log(
         f"saved {out} ({report['saved_dtype']}); logits vs adapter model: max abs diff "
         f"{report['max_abs_logit_diff']:.2e}, mean {report['mean_abs_logit_diff']:.2e}; "

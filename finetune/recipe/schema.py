@@ -54,6 +54,11 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Only for sources you trust."
     )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Also load weights stored as pickle files (.bin/.pt), which can run code when loaded. "
+        "By default only safetensors weights are loaded.",
+    )
 
 
 class DatasetSpec(Section):
@@ -198,7 +203,15 @@ class TrainingSection(Section):
     logging_steps: PositiveInt = Field(10, description="Log metrics every N optimizer steps.")
     eval_steps: PositiveInt | None = Field(None, description="Evaluate every N steps (needs data.eval).")
     save_steps: PositiveInt | None = Field(None, description="Save a checkpoint every N steps.")
-    save_total_limit: PositiveInt | None = Field(2, description="Keep at most this many checkpoints.")
+    save_total_limit: PositiveInt | None = Field(
+        2, description="Keep the last N checkpoints (the best one too, with keep_best_checkpoint); null keeps all."
+    )
+    save_each_epoch: bool = Field(False, description="Also save a checkpoint at the end of each epoch.")
+    keep_best_checkpoint: bool = Field(
+        False,
+        description="Also keep the checkpoint with the lowest eval loss (needs eval_steps, and save_steps a "
+        "multiple of it).",
+    )
 
 
 class DistributedSection(Section):
@@ -274,6 +287,15 @@ class Recipe(Section):
                 bool(self.training.eval_steps) and not self.data.eval,
                 "training.eval_steps",
                 "is set but data.eval is empty; add data.eval datasets or remove eval_steps",
+            )
+        )
+        t = self.training
+        rules.append(
+            (
+                t.keep_best_checkpoint and not (t.eval_steps and t.save_steps and t.save_steps % t.eval_steps == 0),
+                "training.keep_best_checkpoint",
+                "needs evaluation at every checkpoint: set training.eval_steps (with data.eval) and "
+                "training.save_steps to a multiple of it",
             )
         )
         check_rules(rules)
