@@ -107,10 +107,11 @@ def train(
     from finetune.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
+    from finetune.redact import redact
     from finetune.train import run_training
 
     command = ["finetune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)), "--resume"]
-    run_training(loaded, overwrite=overwrite, resume=resume, force=force, resume_command=shlex.join(command))
+    run_training(loaded, overwrite=overwrite, resume=resume, force=force, resume_command=shlex.join(redact(command)))
 
 
 @app.command()

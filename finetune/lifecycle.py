@@ -8,17 +8,27 @@
         run.finish(summary, artifact_dir)      # provenance "completed", model card
 
 Leaving the block releases the lock and, after an exception, records the run as failed.
+In a multi-process run only the main process (RANK 0) locks the directory and writes files.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from finetune.checkpoints import check_resume, checkpoint_step, resolve_resume, trim_metrics, write_atomic
+from finetune.checkpoints import (
+    MARKER,
+    check_resume,
+    checkpoint_step,
+    list_checkpoints,
+    resolve_resume,
+    trim_metrics,
+    write_atomic,
+)
 from finetune.errors import UserError
 from finetune.interrupt import RunInterrupted, StopRequest
 from finetune.preflight import check_disk, plan_disk
@@ -43,14 +53,16 @@ class RunLifecycle:
         self.checkpoint: Path | None = None
         self.resumed_step: int | None = None  # read at the start: rotation may delete the checkpoint later
         self.lock = None
+        self.main = os.environ.get("RANK", "0") == "0"  # torchrun and accelerate set RANK
         self._restore_env = None
 
     def __enter__(self) -> RunLifecycle:
-        self.lock = claim_run_dir(self.dir, overwrite=self.overwrite, resume=self.resume is not None)
+        if self.main:
+            self.lock = claim_run_dir(self.dir, overwrite=self.overwrite, resume=self.resume is not None)
         try:
             self._start()
         except BaseException:
-            self.lock.release()
+            self._release()
             raise
         self._restore_env = tracker_env(self.dir)  # trackers read it when the Trainer is built
         return self
@@ -60,7 +72,11 @@ class RunLifecycle:
             self._restore_env()
         if exc_type is not None and self.provenance["status"] == "running":
             self._record(f"failed: {exc_type.__name__}")
-        self.lock.release()
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def _start(self) -> None:
         plain = self.recipe.model_dump(mode="json")
@@ -73,20 +89,34 @@ class RunLifecycle:
             self.resumed_step = checkpoint_step(self.checkpoint)
             self.log(f"resuming from {self.checkpoint} (step {self.resumed_step})")
         self.recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False, allow_unicode=True)
-        write_atomic(self.dir / "recipe.yaml", self.recipe_yaml)
-        trim_metrics(self.dir / "metrics.jsonl", self.resumed_step)
         self.provenance = start_provenance(
             self.recipe, self.loaded.source, self.data, resumed_from=str(self.checkpoint) if self.checkpoint else None
         )
+        if not self.main:
+            return
+        if self.overwrite:
+            self._uncommit_previous_checkpoints()
+        write_atomic(self.dir / "recipe.yaml", self.recipe_yaml)
+        trim_metrics(self.dir / "metrics.jsonl", self.resumed_step)
         write_provenance(self.provenance, self.dir / "provenance.json")
+
+    def _uncommit_previous_checkpoints(self) -> None:
+        """--overwrite starts afresh: a later --resume must not pick up the previous run's checkpoints."""
+        previous = list_checkpoints(self.dir / "checkpoints")[0]
+        for checkpoint in previous:
+            (checkpoint / MARKER).unlink()
+        if previous:
+            self.log(f"warning: --overwrite: the {len(previous)} checkpoint(s) of the previous run in "
+                     f"{self.dir / 'checkpoints'} are kept but will not be resumed from")
 
     def _record(self, status: str, metrics: dict[str, Any] | None = None) -> None:
         finish_provenance(self.provenance, status, metrics)
-        write_provenance(self.provenance, self.dir / "provenance.json")
+        if self.main:
+            write_provenance(self.provenance, self.dir / "provenance.json")
 
     def train(self, trainer, model_path: str, callbacks=()):
         """Check what can be checked before step 1, then train; raise RunInterrupted after a signal."""
-        stop = StopRequest(on_exit_now=self.lock.release)
+        stop = StopRequest(on_exit_now=self._release)
         self._add_callbacks(trainer, stop, callbacks)
         self._check_before_first_step(trainer, model_path)
         with stop:
@@ -124,7 +154,8 @@ class RunLifecycle:
                 "training, and that checkpoint holds its final weights. To train more, start a new run"
             )
         plan = plan_disk(self.recipe, trainer.model, model_path, total_steps, steps_per_epoch)
-        check_disk(plan, self.dir, self.log)
+        if self.main:
+            check_disk(plan, self.dir, self.log)
         self.provenance["disk_estimate_bytes"] = {
             "weights": plan.weights, "optimizer": plan.optimizer, "checkpoint": plan.checkpoint,
             "checkpoints_at_once": plan.checkpoints, "total": plan.total,
@@ -133,7 +164,8 @@ class RunLifecycle:
     def finish(self, summary: dict[str, Any], artifact_dir: Path) -> None:
         """Record the run as completed and write the model card next to its adapter or model."""
         self._record("completed", summary)
-        (artifact_dir / "README.md").write_text(model_card(self.provenance), encoding="utf-8")
+        if self.main:
+            (artifact_dir / "README.md").write_text(model_card(self.provenance), encoding="utf-8")
 
 
 def schedule(recipe: Recipe, trainer) -> tuple[int, int]:

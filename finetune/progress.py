@@ -120,4 +120,3 @@ class MetricsLog(TrainerCallback):
         record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-

@@ -400,3 +400,22 @@ def test_redaction_of_env_and_key_shaped_values(monkeypatch):
     assert secret_key_paths({"logging": {"run_name": "x-hf_abcdefghijklmnopqrstuvwxyz0123"}, "name": "ok"}) == [
         "logging.run_name"
     ]
+
+
+def test_overwrite_starts_afresh_and_never_resumes_the_previous_runs_checkpoints(tmp_path, torch_one_thread):
+    from finetune.checkpoints import LATEST, MARKER, commit_checkpoint
+    from finetune.lifecycle import RunLifecycle
+
+    path = write_recipe(tmp_path, "again")
+    old = tmp_path / "runs" / "again" / "checkpoints" / "checkpoint-50"
+    old.mkdir(parents=True)
+    commit_checkpoint(old, step=50, epoch=3.1, samples=200, recipe_yaml="name: again\n", data=[])
+    (old.parent.parent / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    lines = []
+    with RunLifecycle(load_recipe(path), overwrite=True, resume=None, force=False, log=lines.append) as run:
+        assert (run.dir / ".finetune.lock").is_file()
+    assert not (old / MARKER).exists() and (old / "recipe.yaml").is_file()  # kept, but no longer resumable
+    assert any("will not be resumed from" in line for line in lines)
+    assert (run.dir / "metrics.jsonl").read_text() == "" and not (run.dir / ".finetune.lock").exists()
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        RunLifecycle(load_recipe(path), overwrite=False, resume=LATEST, force=False, log=print).__enter__()
