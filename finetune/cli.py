@@ -94,14 +94,28 @@ def train(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Allow writing into an existing, non-empty run dir."
     ),
+    resume: str | None = typer.Option(
+        None,
+        "--resume",
+        metavar="[PATH]",
+        help="Continue from the latest complete checkpoint of the run dir, or from PATH (a checkpoint "
+        "or a run dir). Put it after RECIPE.",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="With --resume: continue even if the recipe or data changed since the checkpoint."
+    ),
 ) -> None:
-    """Train a model as the recipe says (SFT, DPO, ORPO or KTO; LoRA, QLoRA or full)."""
+    """Train a model as the recipe says (SFT, DPO, ORPO or KTO; LoRA, QLoRA or full). Ctrl-C saves a checkpoint."""
+    import shlex
+
     from finetune.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
+    from finetune.redact import redact
     from finetune.train import run_training
 
-    run_training(loaded, overwrite=overwrite)
+    command = ["finetune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)), "--resume"]
+    run_training(loaded, overwrite=overwrite, resume=resume, force=force, resume_command=shlex.join(redact(command)))
 
 
 @app.command()
@@ -278,10 +292,29 @@ def _refuse_existing(path: Path) -> None:
         )
 
 
+def _bare_resume(argv: list[str]) -> list[str]:
+    """Give a bare `--resume` its "latest" value: Typer options cannot have an optional value.
+
+    The next word is the option's value unless it is missing, another option, or a recipe file.
+    """
+    from finetune.checkpoints import LATEST
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--resume":
+            following = out[i + 1] if i + 1 < len(out) else None
+            if following is None or following.startswith("-") or following.endswith((".yaml", ".yml")):
+                out[i] = f"--resume={LATEST}"
+    return out
+
+
 def main() -> None:
     """Console entry point: user errors print a message and exit 2, never a traceback."""
     try:
-        app()  # standalone: click reports usage errors itself (exit 2) and exits
+        app(args=_bare_resume(sys.argv[1:]))  # standalone: click reports usage errors itself (exit 2) and exits
     except UserError as exc:
-        typer.echo(f"error: {exc.render()}", err=True)
+        typer.echo(f"{getattr(exc, 'label', 'error')}: {exc.render()}", err=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -33,6 +33,7 @@ class MergeSource:
     base: str
     run_dir: Path | None
     adapter_kind: str  # lora or qlora
+    allow_pickle: bool = False  # the run's model.allow_pickle_weights: else only safetensors bases load
 
 
 def locate(source: Path) -> MergeSource:
@@ -57,7 +58,9 @@ def locate(source: Path) -> MergeSource:
             )
         check_adapter_type(adapter_dir)
         # A run that kept training an earlier run's adapter sits on that run's base, not on model.path.
-        return MergeSource(adapter_dir, adapter_base(recipe).base, source, recipe.adapter.kind)
+        return MergeSource(
+            adapter_dir, adapter_base(recipe).base, source, recipe.adapter.kind, recipe.model.allow_pickle_weights
+        )
     config_file = source / "adapter_config.json"
     if config_file.is_file():
         check_adapter_type(source)
@@ -104,7 +107,9 @@ def run_merge(
     save_dtype = getattr(torch, dtype) if dtype else base_dtype
     tokenizer = AutoTokenizer.from_pretrained(found.adapter_dir)
     log(f"merging {found.adapter_dir} into {found.base} (base dtype {_name(base_dtype)}, merge in float32)")
-    base = AutoModelForCausalLM.from_pretrained(found.base, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        found.base, dtype=torch.float32, use_safetensors=None if found.allow_pickle else True
+    )
     model = PeftModel.from_pretrained(base, found.adapter_dir).eval()
     inputs = _verify_inputs(tokenizer)
     reference = _logits(model, inputs)
@@ -138,7 +143,11 @@ def run_merge(
     (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     from finetune.model_card import carry_over
 
-    carry_over(out, report, found.run_dir)
+    carry_over(out, report, found.run_dir)  # the run's files into out/provenance/, and the model card
+    if found.run_dir is not None:
+        from finetune.provenance import carry_into_merged
+
+        carry_into_merged(found.run_dir, out, report)  # out/provenance.json, with the merge report
     log(
         f"saved {out} ({report['saved_dtype']}); logits vs adapter model: max abs diff "
         f"{report['max_abs_logit_diff']:.2e}, mean {report['mean_abs_logit_diff']:.2e}; "

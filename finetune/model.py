@@ -92,6 +92,8 @@ def load_model(path: str, recipe: Recipe, precision: Precision, *, revision: str
         "attn_implementation": recipe.model.attn_implementation,
         "revision": revision or recipe.model.revision,
         "trust_remote_code": recipe.model.trust_remote_code,
+        # True: safetensors or nothing; None: transformers falls back to pickle files
+        "use_safetensors": None if recipe.model.allow_pickle_weights else True,
     }
     if recipe.adapter.kind == "qlora":
         kwargs["quantization_config"] = _bnb_config(recipe, precision)
@@ -99,6 +101,10 @@ def load_model(path: str, recipe: Recipe, precision: Precision, *, revision: str
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
+        if kwargs["use_safetensors"] and "safetensors" in str(exc):
+            from finetune.preflight import pickle_refusal
+
+            raise UserError(pickle_refusal(path, _first_line(exc))) from None
         raise UserError(f"model.path: cannot load a causal LM from {path!r}: {_first_line(exc)}") from None
     # Training with the KV cache on makes packed rows attend to each other (see ENV.md) and wastes memory.
     model.config.use_cache = False

@@ -6,7 +6,8 @@ import shutil
 from pathlib import Path
 
 # Files of a run directory that say how the model was made (the provenance bundle, when a run wrote one).
-PROVENANCE = ("recipe.yaml", "audit.json", "summary.json", "provenance.json", "provenance.yaml", "provenance")
+# provenance.json goes to the top of the merged output, with the merge report (provenance.carry_into_merged)
+PROVENANCE = ("recipe.yaml", "audit.json", "summary.json")
 
 
 def carry_over(out: Path, report: dict, run_dir: Path | None) -> None:

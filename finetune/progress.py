@@ -30,19 +30,37 @@ def preference_stats(logs: dict, prefix: str = "") -> str:
     return "  ".join(parts)
 
 
+def memory_in_use() -> str:
+    """Peak CUDA memory allocated on a GPU, else the process's resident memory (RSS)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f"cuda max {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    import psutil  # a dependency of accelerate
+
+    return f"rss {psutil.Process().memory_info().rss / 2**20:,.0f} MiB"
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 class ProgressDisplay(TrainerCallback):
-    """Progress bar with loss, learning rate and tokens/s; one plain line per log when not a TTY."""
+    """Progress bar with ETA, loss, learning rate, tokens/s and memory; plain lines when not a TTY."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.progress = None
         self.task = None
         self._last = (0.0, 0)  # (time, tokens) at the previous log
+        self._start: tuple[float, int] | None = None  # (time, step) when this process began training
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         self._last = (time.perf_counter(), 0)
+        self._start = None
         if self.stream.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -51,6 +69,7 @@ class ProgressDisplay(TrainerCallback):
                 TextColumn("[bold]train"),
                 BarColumn(),
                 MofNCompleteColumn(),
+                TextColumn("eta"),
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[stats]}"),
                 console=Console(file=self.stream),
@@ -59,17 +78,32 @@ class ProgressDisplay(TrainerCallback):
             self.progress.start()
             self.task = self.progress.add_task("train", total=state.max_steps, stats="")
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._start is None:  # here, not in on_train_begin: a resumed run's step is known only now
+            self._start = (time.perf_counter(), state.global_step)
+            self._last = (self._start[0], self._last[1])
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step)
+
+    def eta(self, state) -> str:
+        """Time left at the pace of the steps this process has run."""
+        if self._start is None or state.global_step <= self._start[1]:
+            return "?"
+        pace = (time.perf_counter() - self._start[0]) / (state.global_step - self._start[1])
+        return format_eta(pace * (state.max_steps - state.global_step))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         if "eval_loss" in logs:
             rewards = preference_stats(logs, "eval_")
+            ppl = f"  perplexity {logs['eval_perplexity']:.3f}" if "eval_perplexity" in logs else ""
             self._print(
-                f"step {state.global_step}/{state.max_steps}  eval_loss {logs['eval_loss']:.4f}"
+                f"step {state.global_step}/{state.max_steps}  eval_loss {logs['eval_loss']:.4f}{ppl}"
                 + (f"  eval {rewards}" if rewards else "")
             )
             return
@@ -84,15 +118,16 @@ class ProgressDisplay(TrainerCallback):
             + (f"{rewards}  " if rewards else "")
             + f"lr {logs.get('learning_rate', 0):.2e}"
             + (f"  {rate:,.0f} tok/s" if "num_tokens" in logs else "")  # ORPO does not count tokens
+            + f"  {memory_in_use()}"
         )
         if self.progress is not None:
             self.progress.update(self.task, stats=stats)
         else:
-            self._print(f"step {state.global_step}/{state.max_steps}  {stats}")
+            self._print(f"step {state.global_step}/{state.max_steps}  {stats}  eta {self.eta(state)}")
 
     def _print(self, line: str) -> None:
         if self.progress is not None:
-            self.progress.console.print(line)
+            self.progress.console.print(line, highlight=False)
         else:
             print(line, file=self.stream, flush=True)
 

@@ -3,31 +3,61 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.lifecycle import RunLifecycle
 from finetune.logs import quiet_libraries, stderr
+from finetune.preflight import check_weights_format, report_longest
 from finetune.recipe import LoadedRecipe, Recipe
-from finetune.recipe.dump import write_recipe
 from finetune.recipe.preference import PREFERENCE_KINDS
+from finetune.redact import redact_text, secret_key_paths
+from finetune.trackers import check_trackers
 
 
-def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> Path:
-    """Run a validated recipe end to end and return the run directory."""
+def run_training(
+    loaded: LoadedRecipe,
+    *,
+    overwrite: bool = False,
+    resume: str | None = None,
+    force: bool = False,
+    log=None,
+    resume_command: str | None = None,
+    callbacks: tuple = (),
+) -> Path:
+    """Run a validated recipe end to end and return the run directory.
+
+    Args:
+        loaded: The validated recipe.
+        overwrite: Write into a run directory that already holds a run.
+        resume: A checkpoint or run directory to continue from, or checkpoints.LATEST for the
+            latest complete checkpoint of this run.
+        force: Resume even when the recipe or data changed since the checkpoint.
+        log: Where status lines go (default: stderr).
+        resume_command: The command printed when a signal interrupts the run.
+        callbacks: Extra Trainer callbacks, run before the one that commits checkpoints (tests use
+            them to fail at a chosen step).
+    """
     log = log or stderr
-    recipe = loaded.recipe
-    start = _preflight(recipe)
+    start = _preflight(loaded.recipe)
+    with RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
+                      resume_command=resume_command) as run:
+        return _train(loaded.recipe, start, run, log, callbacks)
+
+
+def _train(recipe: Recipe, start, run: RunLifecycle, log, callbacks) -> Path:
+    run_dir = run.dir
     quiet_libraries()
-    run_dir = claim_run_dir(Path(recipe.run_dir), overwrite=overwrite)
-    write_recipe(recipe, run_dir / "recipe.yaml")
     log(f"run directory: {run_dir}  (resolved recipe in {run_dir / 'recipe.yaml'})")
 
     from finetune.model import build_peft_config, load_model, load_tokenizer, resolve_precision
     from finetune.start import load_start_adapter
 
     precision = resolve_precision(recipe)
+    check_weights_format(start.base, recipe)
     tokenizer = load_tokenizer(start.tokenizer, recipe.model)
     train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
 
@@ -45,8 +75,10 @@ def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> 
         log(f"reference model: {describe_reference(trainer, recipe)}")
     _log_trainable(trainer.model, log)
     started = time.perf_counter()
-    result = trainer.train()
-    summary = _save_outputs(recipe, trainer, tokenizer, run_dir, result.metrics, time.perf_counter() - started)
+    result = run.train(trainer, start.base, callbacks)
+    seconds = time.perf_counter() - started
+    summary = _save_outputs(recipe, trainer, tokenizer, run_dir, result.metrics, seconds, run.resumed_step)
+    run.finish(summary, run_dir / _artifact_name(recipe))
     from finetune.progress import describe_reward_change
 
     if change := describe_reward_change(summary):
@@ -65,6 +97,10 @@ def _preflight(recipe: Recipe):
     from finetune.start import resolve_start
 
     check_quantisation_available(recipe)
+    check_trackers(recipe)
+    if secret_key_paths(recipe.name):
+        raise UserError("name: looks like a secret (a token or key); it names the run directory, so it cannot "
+                        "be redacted. Choose another name")
     for split in ("train", "eval"):
         for i, spec in enumerate(getattr(recipe.data, split)):
             check_dataset_exists(spec, f"data.{split}[{i}]")
@@ -75,19 +111,6 @@ def _preflight(recipe: Recipe):
         check_orpo_available(recipe)
         check_local_preference_data(recipe)
     return resolve_start(recipe)
-
-
-def claim_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
-    """Create the run directory; refuse a non-empty one unless `overwrite` (nothing is deleted either way)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output.dir: {run_dir} exists and is a file; choose another output.dir")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise UserError(
-            f"output.dir: {run_dir} already holds a run; pass --overwrite to write into it, "
-            f"or choose another directory with --set output.dir=..."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def _build_data(recipe: Recipe, tokenizer, run_dir: Path, log):
@@ -101,6 +124,7 @@ def _build_data(recipe: Recipe, tokenizer, run_dir: Path, log):
         return build_preference_data(recipe.data, recipe.method.kind, run_dir / "audit.json", log)
     train_ds, eval_ds, audits = prepare_datasets(recipe, tokenizer, log)
     write_audit(audits, run_dir / "audit.json")
+    report_longest(audits, recipe.training.max_length, log)
     keep = ["input_ids", "labels"]  # our `source` tags stay in the cache and the preview
     return train_ds.select_columns(keep), eval_ds.select_columns(keep) if eval_ds is not None else None
 
@@ -140,8 +164,9 @@ def _training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> 
         "save_strategy": "steps" if t.save_steps else "no",
         "save_steps": t.save_steps or 500,
         "save_total_limit": t.save_total_limit,
+        "metric_for_best_model": "eval_loss" if t.keep_best_checkpoint else None,  # protects the best from rotation
         "report_to": recipe.logging.report_to or "none",
-        "run_name": recipe.logging.run_name or recipe.name,
+        "run_name": redact_text(recipe.logging.run_name or recipe.name),  # trackers and training_args.bin
         "disable_tqdm": True,  # our ProgressDisplay replaces it
         "dataloader_pin_memory": precision.device == "cuda",
     }
@@ -209,7 +234,9 @@ def _artifact_name(recipe: Recipe) -> str:
     return "model" if recipe.adapter.kind == "full" else "adapter"
 
 
-def _save_outputs(recipe, trainer, tokenizer, run_dir: Path, metrics: dict, seconds: float) -> dict:
+def _save_outputs(
+    recipe, trainer, tokenizer, run_dir: Path, metrics: dict, seconds: float, resumed_step: int | None
+) -> dict:
     """Adapter (or full model) with the tokenizer and chat template used in training, and a summary."""
     out = run_dir / _artifact_name(recipe)
     peft_config = getattr(trainer.model, "peft_config", {})
@@ -221,8 +248,22 @@ def _save_outputs(recipe, trainer, tokenizer, run_dir: Path, metrics: dict, seco
         from finetune.preference import describe_reference
 
         metrics = {**metrics, "reference_model": describe_reference(trainer, recipe)}
-    summary = {"method": recipe.method.kind, "train_seconds": round(seconds, 2),
-               "global_step": trainer.state.global_step, **metrics, **_metric_summary(trainer)}
+    history = trainer.state.log_history
+    last_eval = next((r for r in reversed(history) if "eval_loss" in r), None)
+    summary = {
+        "method": recipe.method.kind,
+        "train_seconds": round(seconds, 2),
+        "global_step": trainer.state.global_step,
+        "final_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
+        **({"eval_loss": last_eval["eval_loss"]} if last_eval else {}),
+        **({"eval_perplexity": math.exp(min(last_eval["eval_loss"], 50.0))}
+           if last_eval and recipe.method.kind == "sft" else {}),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        **metrics,
+        **_metric_summary(trainer),
+    }
+    if resumed_step is not None:
+        summary["resumed_from_step"] = resumed_step  # transformers' train_loss averages only the steps after it
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 

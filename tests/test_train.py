@@ -79,6 +79,9 @@ def test_merge_matches_adapter_and_keeps_base_dtype(lora_run, tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     assert report["saved_dtype"] == report["base_dtype"] == "float32"
     assert report["max_abs_logit_diff"] < 1e-4 and report["greedy_generations_agree"]
+    provenance = json.loads((out / "provenance.json").read_text())  # the run's provenance travels with the merge
+    assert provenance["merge"] == report and provenance["recipe"]["name"] == "lora"
+    assert "A model merged from a LORA adapter" in (out / "README.md").read_text()
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.float32
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))

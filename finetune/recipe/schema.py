@@ -40,6 +40,11 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Only for sources you trust."
     )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Also load weights stored as pickle files (.bin/.pt), which can run code when loaded. "
+        "By default only safetensors weights are loaded.",
+    )
 
 
 # Fields of each row format that `columns` may rename; the optional ones may be absent from a row.
@@ -279,7 +284,15 @@ class TrainingSection(Section):
         None, description="Evaluate every N steps (needs data.eval or data.eval_fraction)."
     )
     save_steps: PositiveInt | None = Field(None, description="Save a checkpoint every N steps.")
-    save_total_limit: PositiveInt | None = Field(2, description="Keep at most this many checkpoints.")
+    save_total_limit: PositiveInt | None = Field(
+        2, description="Keep the last N checkpoints (the best one too, with keep_best_checkpoint); null keeps all."
+    )
+    save_each_epoch: bool = Field(False, description="Also save a checkpoint at the end of each epoch.")
+    keep_best_checkpoint: bool = Field(
+        False,
+        description="Also keep the checkpoint with the lowest eval loss (needs eval_steps, and save_steps a "
+        "multiple of it).",
+    )
 
 
 class DistributedSection(Section):
@@ -367,6 +380,15 @@ class Recipe(Section):
                 bool(self.training.eval_steps) and not self.data.eval and self.data.eval_fraction is None,
                 "training.eval_steps",
                 "is set but data.eval is empty and data.eval_fraction unset; add eval data or remove eval_steps",
+            )
+        )
+        t = self.training
+        rules.append(
+            (
+                t.keep_best_checkpoint and not (t.eval_steps and t.save_steps and t.save_steps % t.eval_steps == 0),
+                "training.keep_best_checkpoint",
+                "needs evaluation at every checkpoint: set training.eval_steps (with data.eval) and "
+                "training.save_steps to a multiple of it",
             )
         )
         check_rules(rules)

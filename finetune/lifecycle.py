@@ -1,0 +1,175 @@
+"""One run's lifecycle around the trainer: claim, resume, checkpoint, interrupt, record provenance.
+
+`RunLifecycle` is what train.py wraps a run in:
+
+    with RunLifecycle(loaded, ...) as run:     # lock the run dir; pick and check the checkpoint;
+        ...build data, model, trainer...       #   write recipe.yaml and provenance.json (redacted)
+        result = run.train(trainer, ...)       # checks before step 1; Ctrl-C/SIGTERM -> checkpoint
+        run.finish(summary, artifact_dir)      # provenance "completed", model card
+
+Leaving the block releases the lock and, after an exception, records the run as failed.
+In a multi-process run only the main process (RANK 0) locks the directory and writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.checkpoints import (
+    MARKER,
+    check_resume,
+    checkpoint_step,
+    list_checkpoints,
+    resolve_resume,
+    trim_metrics,
+    write_atomic,
+)
+from finetune.errors import UserError
+from finetune.interrupt import RunInterrupted, StopRequest
+from finetune.preflight import check_disk, plan_disk
+from finetune.provenance import finish_provenance, hash_data, model_card, start_provenance, write_provenance
+from finetune.recipe import LoadedRecipe, Recipe
+from finetune.redact import REDACTED, redact, redact_text, secret_key_paths
+from finetune.rundir import claim_run_dir
+from finetune.trackers import tracker_env
+
+
+class RunLifecycle:
+    """Context manager for one training run in its run directory (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedRecipe, *, overwrite: bool, resume: str | None, force: bool, log,
+                 resume_command: str | None = None):
+        if resume is not None and overwrite:
+            raise UserError("--resume continues a run and --overwrite starts one afresh over it: choose one")
+        self.loaded, self.recipe = loaded, loaded.recipe
+        self.dir = Path(self.recipe.run_dir)
+        self.overwrite, self.resume, self.force, self.log = overwrite, resume, force, log
+        self.resume_command = resume_command or f"finetune train {loaded.source} --resume"
+        self.checkpoint: Path | None = None
+        self.resumed_step: int | None = None  # read at the start: rotation may delete the checkpoint later
+        self.lock = None
+        self.main = os.environ.get("RANK", "0") == "0"  # torchrun and accelerate set RANK
+        self._restore_env = None
+
+    def __enter__(self) -> RunLifecycle:
+        if self.main:
+            self.lock = claim_run_dir(self.dir, overwrite=self.overwrite, resume=self.resume is not None)
+        try:
+            self._start()
+        except BaseException:
+            self._release()
+            raise
+        self._restore_env = tracker_env(self.dir)  # trackers read it when the Trainer is built
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._restore_env is not None:
+            self._restore_env()
+        if exc_type is not None and self.provenance["status"] == "running":
+            self._record(f"failed: {exc_type.__name__}")
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _start(self) -> None:
+        plain = self.recipe.model_dump(mode="json")
+        for key in secret_key_paths(plain):
+            self.log(f"warning: {key} looks like a secret (a token or key); it is written as {REDACTED} everywhere")
+        recipe_dict, self.data = redact(plain), hash_data(self.recipe)
+        if self.resume is not None:
+            self.checkpoint = resolve_resume(self.resume, self.dir, self.log)
+            check_resume(self.checkpoint, recipe_dict, self.data, force=self.force, log=self.log)
+            self.resumed_step = checkpoint_step(self.checkpoint)
+            self.log(f"resuming from {self.checkpoint} (step {self.resumed_step})")
+        self.recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False, allow_unicode=True)
+        self.provenance = start_provenance(
+            self.recipe, self.loaded.source, self.data, resumed_from=str(self.checkpoint) if self.checkpoint else None
+        )
+        if not self.main:
+            return
+        if self.overwrite:
+            self._uncommit_previous_checkpoints()
+        write_atomic(self.dir / "recipe.yaml", self.recipe_yaml)
+        trim_metrics(self.dir / "metrics.jsonl", self.resumed_step)
+        write_provenance(self.provenance, self.dir / "provenance.json")
+
+    def _uncommit_previous_checkpoints(self) -> None:
+        """--overwrite starts afresh: a later --resume must not pick up the previous run's checkpoints."""
+        previous = list_checkpoints(self.dir / "checkpoints")[0]
+        for checkpoint in previous:
+            (checkpoint / MARKER).unlink()
+        if previous:
+            self.log(f"warning: --overwrite: the {len(previous)} checkpoint(s) of the previous run in "
+                     f"{self.dir / 'checkpoints'} are kept but will not be resumed from")
+
+    def _record(self, status: str, metrics: dict[str, Any] | None = None) -> None:
+        finish_provenance(self.provenance, status, metrics)
+        if self.main:
+            write_provenance(self.provenance, self.dir / "provenance.json")
+
+    def train(self, trainer, model_path: str, callbacks=()):
+        """Check what can be checked before step 1, then train; raise RunInterrupted after a signal."""
+        stop = StopRequest(on_exit_now=self._release)
+        self._add_callbacks(trainer, stop, callbacks)
+        self._check_before_first_step(trainer, model_path)
+        with stop:
+            # transformers ignores TrainingArguments.resume_from_checkpoint: it must be passed here
+            result = trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
+        state = trainer.state
+        if stop.requested and state.global_step < state.max_steps:
+            saved = Path(trainer.args.output_dir) / f"checkpoint-{state.global_step}"
+            self._record("interrupted", {"global_step": state.global_step, "checkpoint": str(saved)})
+            raise RunInterrupted(
+                f"{stop.signal_name}: training stopped at step {state.global_step}/{state.max_steps}; checkpoint "
+                f"saved to {saved}. Resume with:\n  {redact_text(self.resume_command)}",
+                exit_code=stop.exit_code,
+            )
+        return result
+
+    def _add_callbacks(self, trainer, stop: StopRequest, extra) -> None:
+        """Stop-on-signal, then any extra callbacks, then the checkpoint committer (it must see their effects)."""
+        from finetune.callbacks import CheckpointCommitter, EvalPerplexity, StopOnSignal
+
+        if self.recipe.method.kind == "sft":
+            # first in the list, so trackers and metrics.jsonl see the value (see EvalPerplexity)
+            trainer.callback_handler.callbacks.insert(0, EvalPerplexity())
+        for callback in (StopOnSignal(stop), *extra):
+            trainer.add_callback(callback)
+        save_each_epoch = self.recipe.training.save_each_epoch
+        trainer.add_callback(CheckpointCommitter(self.recipe_yaml, self.data, save_each_epoch=save_each_epoch))
+
+    def _check_before_first_step(self, trainer, model_path: str) -> None:
+        """Refuse to resume a finished run; refuse a disk too small for the checkpoints."""
+        total_steps, steps_per_epoch = schedule(self.recipe, trainer)
+        if self.resumed_step is not None and self.resumed_step >= total_steps:
+            raise UserError(
+                f"--resume: {self.checkpoint} is at step {self.resumed_step} of {total_steps}: this run has finished "
+                "training, and that checkpoint holds its final weights. To train more, start a new run"
+            )
+        plan = plan_disk(self.recipe, trainer.model, model_path, total_steps, steps_per_epoch)
+        if self.main:
+            check_disk(plan, self.dir, self.log)
+        self.provenance["disk_estimate_bytes"] = {
+            "weights": plan.weights, "optimizer": plan.optimizer, "checkpoint": plan.checkpoint,
+            "checkpoints_at_once": plan.checkpoints, "total": plan.total,
+        }
+
+    def finish(self, summary: dict[str, Any], artifact_dir: Path) -> None:
+        """Record the run as completed and write the model card next to its adapter or model."""
+        self._record("completed", summary)
+        if self.main:
+            (artifact_dir / "README.md").write_text(model_card(self.provenance), encoding="utf-8")
+
+
+def schedule(recipe: Recipe, trainer) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch), computed as transformers' Trainer does."""
+    t = recipe.training
+    per_epoch = math.ceil(math.ceil(len(trainer.train_dataset) / t.micro_batch_size) / t.gradient_accumulation_steps)
+    return t.max_steps or math.ceil(per_epoch * t.epochs), per_epoch
