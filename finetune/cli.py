@@ -91,13 +91,30 @@ def train(
         False, "--overwrite", help="Allow writing into an existing, non-empty run dir."
     ),
 ) -> None:
-    """Train a model as the recipe says (SFT or DPO; LoRA, QLoRA or full)."""
+    """Train a model as the recipe says (SFT or DPO; LoRA, QLoRA or full; one process or several)."""
     from finetune.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
+    if loaded.recipe.distributed.strategy != "none":
+        from finetune.launch.plan import launch_training
+
+        launch_training(loaded, overwrite=overwrite)  # re-launches through `accelerate launch`
+        return
     from finetune.train import run_training
 
     run_training(loaded, overwrite=overwrite)
+
+
+@app.command("launch-plan")
+def launch_plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Print what `finetune train` would launch (command, environment, generated configs); start nothing."""
+    from finetune.launch.plan import describe_launch
+    from finetune.recipe import load_recipe
+
+    typer.echo(describe_launch(load_recipe(recipe, overrides)), nl=False)
 
 
 @app.command()

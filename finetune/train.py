@@ -8,34 +8,49 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.launch.processes import is_main_process, main_process_first, zero3_weight_loading
 from finetune.logs import quiet_libraries, stderr
 from finetune.recipe import LoadedRecipe, Recipe
 from finetune.recipe.dump import write_recipe
 
 
-def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> Path:
-    """Run a validated recipe end to end and return the run directory."""
+def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None, launched: bool = False) -> Path:
+    """Run a validated recipe end to end and return the run directory.
+
+    `launched`: this is one process of a multi-process run (finetune.launch), whose launcher has
+    already claimed the run directory and written the resolved recipe this process was given.
+    """
     log = log or stderr
     recipe = loaded.recipe
+    if recipe.distributed.strategy != "none" and not launched:
+        raise UserError(
+            f"distributed.strategy: '{recipe.distributed.strategy}' starts several processes; "
+            "run it with `finetune train` (finetune.launch.plan.launch_training), not in this process"
+        )
     _preflight(recipe)
     quiet_libraries()
-    run_dir = claim_run_dir(Path(recipe.run_dir), overwrite=overwrite)
-    write_recipe(recipe, run_dir / "recipe.yaml")
-    log(f"run directory: {run_dir}  (resolved recipe in {run_dir / 'recipe.yaml'})")
+    run_dir = Path(recipe.run_dir)
+    if not launched:
+        claim_run_dir(run_dir, overwrite=overwrite)
+        write_recipe(recipe, run_dir / "recipe.yaml")
+        log(f"run directory: {run_dir}  (resolved recipe in {run_dir / 'recipe.yaml'})")
 
     from finetune.model import build_peft_config, load_model, load_tokenizer, resolve_precision
     from finetune.tiny import resolve_model_path
 
     precision = resolve_precision(recipe)
-    model_path = resolve_model_path(recipe.model.path)
-    tokenizer = load_tokenizer(model_path, recipe.model)
+    with main_process_first():  # a builtin model is built, a Hub model downloaded, once
+        model_path = resolve_model_path(recipe.model.path)
+        tokenizer = load_tokenizer(model_path, recipe.model)
     from finetune.data.templates import resolve_chat_template
 
     tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template, tokenizer)
-    train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
+    with main_process_first():  # one process prepares (and caches) the data while the others wait
+        train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
 
     log(f"loading {recipe.model.path} ({precision.load_dtype}, {precision.device})")
-    model = load_model(model_path, recipe, precision)
+    with zero3_weight_loading():
+        model = load_model(model_path, recipe, precision)
     trainer = TRAINERS[recipe.method.kind](
         recipe, model, tokenizer, train_ds, eval_ds, build_peft_config(recipe), precision, run_dir
     )
@@ -91,7 +106,8 @@ def _build_data(recipe: Recipe, tokenizer, run_dir: Path, log):
         )
         for warning in check_audits(audits + eval_audits, data):
             log(f"warning: {warning}")
-    _write_audit(audits + eval_audits, run_dir / "audit.json", log)
+    if is_main_process():
+        _write_audit(audits + eval_audits, run_dir / "audit.json", log)
     return train_ds, eval_ds
 
 
@@ -222,8 +238,11 @@ TRAINERS = {"sft": run_sft, "dpo": run_dpo}
 
 
 def _log_trainable(model, log) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def numel(p) -> int:  # under ZeRO-3 a parameter holds only its shard; ds_numel is its full size
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     log(f"trainable parameters: {trainable:,} of {total:,} ({trainable / max(total, 1):.2%})")
 
 
@@ -232,9 +251,15 @@ def _artifact_name(recipe: Recipe) -> str:
 
 
 def _save_outputs(recipe, trainer, tokenizer, run_dir: Path, metrics: dict, seconds: float) -> None:
-    """Adapter (or full model) with the tokenizer and chat template used in training, and a summary."""
+    """Adapter (or full model) with the tokenizer and chat template used in training, and a summary.
+
+    Every process calls this: under ZeRO-3 or FSDP saving gathers the shards from all of them, and
+    the Trainer writes only from the main process.
+    """
     out = run_dir / _artifact_name(recipe)
-    trainer.model.save_pretrained(out)
+    trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
     tokenizer.save_pretrained(out)
     summary = {"train_seconds": round(seconds, 2), "global_step": trainer.state.global_step, **metrics}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
