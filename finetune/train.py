@@ -243,7 +243,11 @@ def _log_trainable(model, log) -> None:
 
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
-    log(f"trainable parameters: {trainable:,} of {total:,} ({trainable / max(total, 1):.2%})")
+    sharded = any(hasattr(p, "ds_id") for p in model.parameters())
+    log(
+        f"trainable parameters: {trainable:,} of {total:,} ({trainable / max(total, 1):.2%})"
+        + ("; base weights loaded straight into ZeRO-3 shards" if sharded else "")
+    )
 
 
 def _artifact_name(recipe: Recipe) -> str:

@@ -160,10 +160,11 @@ def launch_training(
     plan = prepare_launch(loaded, machine)
     run_dir = claim_run_dir(Path(recipe.run_dir), overwrite=overwrite)
     write_recipe(recipe, run_dir / "recipe.yaml")
+    for name in (ACCELERATE_FILE, DEEPSPEED_FILE, SCRIPT_FILE, ERROR_FILE):  # an earlier run's (--overwrite)
+        (run_dir / name).unlink(missing_ok=True)
     for path, text in plan.files.items():
         path.write_text(text, encoding="utf-8")
     error_file = run_dir / ERROR_FILE
-    error_file.unlink(missing_ok=True)  # left by an earlier run in this directory
     log(f"run directory: {run_dir}  (resolved recipe, {', '.join(p.name for p in plan.files)})")
     log(f"launching {plan.summary}: {plan.command}")
     code = (runner or run_command)(plan.argv, {**os.environ, **plan.env})
