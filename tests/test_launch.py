@@ -240,7 +240,7 @@ def test_rules_refuse_fsdp_and_auto_without_gpus(tmp_path):
 
 
 def test_rules_refuse_deepspeed_batch_sizes_that_do_not_divide(tmp_path):
-    ds = deepspeed_config(2) | {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 3}
+    ds = deepspeed_config(2) | {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 3, "gradient_clipping": 0.5}
     (tmp_path / "mine.json").write_text(json.dumps(ds))
     path = write_recipe(tmp_path, distributed={"strategy": "deepspeed", "config": str(tmp_path / "mine.json"),
                                                "num_processes": 2})
@@ -248,6 +248,7 @@ def test_rules_refuse_deepspeed_batch_sizes_that_do_not_divide(tmp_path):
     assert "training.micro_batch_size: the DeepSpeed config fixes train_micro_batch_size_per_gpu 3 (recipe: 4), " \
            "train_batch_size 12 (recipe: 8)" in err
     assert 'Fix: set those keys to "auto" in the DeepSpeed JSON' in err
+    assert "distributed.config: the DeepSpeed config fixes gradient_clipping 0.5 (training.max_grad_norm: 1.0)" in err
 
 
 def test_rules_refuse_unknown_mismatched_and_contradicting_config_files(tmp_path):

@@ -15,7 +15,14 @@ from functools import cached_property
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.launch.configs import NamedConfig, configs_dir, generated_deepspeed, named_configs, read_named_config
+from finetune.launch.configs import (
+    NamedConfig,
+    configs_dir,
+    generated_deepspeed,
+    named_configs,
+    read_named_config,
+    recipe_owned_values,
+)
 from finetune.recipe.schema import Recipe
 
 
@@ -77,7 +84,7 @@ class Context:
 
     @property
     def zero_stage(self) -> int | None:
-        return (self.ds or {}).get("zero_optimization", {}).get("stage") if self.ds else None
+        return (self.ds or {}).get("zero_optimization", {}).get("stage")
 
     @property
     def sharded_by(self) -> str | None:
@@ -107,12 +114,27 @@ class Context:
         )
 
     @property
+    def training_conflicts(self) -> str:
+        """Other numbers a DeepSpeed JSON fixes that the recipe's training section also sets."""
+        if not self.ds:
+            return ""
+        t, params = self.recipe.training, (self.ds.get("optimizer") or {}).get("params") or {}
+        pairs = [
+            ("gradient_clipping", self.ds.get("gradient_clipping"), "max_grad_norm", t.max_grad_norm),
+            ("optimizer.params.lr", params.get("lr"), "learning_rate", t.learning_rate),
+            ("optimizer.params.weight_decay", params.get("weight_decay"), "weight_decay", t.weight_decay),
+        ]
+        return ", ".join(
+            f"{key} {value} (training.{field}: {wanted})"
+            for key, value, field, wanted in pairs
+            if isinstance(value, int | float) and not isinstance(value, bool) and value != wanted
+        )
+
+    @property
     def topology_conflicts(self) -> str:
         """Keys of a named accelerate file that the recipe decides, set to other values."""
         if self.named is None or self.named.kind == "deepspeed" or self.processes is None:
             return ""
-        from finetune.launch.configs import recipe_owned_values
-
         # precision comes from training.precision; accelerate's value would override the Trainer's
         owned = recipe_owned_values(self.d, self.processes) | {"mixed_precision": "no"}
         return ", ".join(
@@ -194,6 +216,13 @@ RULES = [
         "gradient accumulation x {c.world} processes = {c.global_batch}, and would stop after every process started",
         'set those keys to "auto" in the DeepSpeed JSON (the recipe\'s training section then decides them), '
         "or change training.micro_batch_size / gradient_accumulation_steps to match",
+    ),
+    Rule(
+        "distributed.config",
+        lambda c: bool(c.training_conflicts),
+        "the DeepSpeed config fixes {c.training_conflicts}; the Trainer refuses such a mismatch, but only after "
+        "every process has started and loaded the model",
+        'set those keys to "auto" in the DeepSpeed JSON (the recipe then decides them), or make the recipe match',
     ),
     Rule(
         "training.optimizer",
