@@ -90,6 +90,8 @@ def test_generated_configs_are_accepted_by_accelerate_launch(tmp_path, monkeypat
         "ddp": ({"strategy": "ddp", "num_processes": 2}, CPU_BOX),
         "zero2": ({"strategy": "deepspeed", "zero_stage": 2, "num_processes": 2, "offload_optimizer": True}, CPU_BOX),
         "zero3": ({"strategy": "deepspeed", "config": "zero3-offload", "num_processes": 2}, CPU_BOX),
+        "zero3-2-machines": ({"strategy": "deepspeed", "config": "zero3-offload", "num_processes": 1,
+                              "num_machines": 2, "machine_rank": 1, "main_address": "10.0.0.1"}, GPU_BOX),
         "fsdp": ({"strategy": "fsdp", "fsdp_auto_wrap": "size", "fsdp_min_params": 1000}, GPU_BOX),
         "named-fsdp": ({"strategy": "fsdp", "config": "fsdp2-shard-grad-op", "num_processes": 2}, GPU_BOX),
     }
@@ -105,11 +107,14 @@ def test_generated_configs_are_accepted_by_accelerate_launch(tmp_path, monkeypat
                 # as accelerate's launch_command does: DeepSpeedPlugin refuses these next to a JSON file
                 fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
                 args.deepspeed_fields_from_accelerate_config = ",".join(fields)
-                _, env = prepare_deepspeed_cmd_env(args)
+                cmd, env = prepare_deepspeed_cmd_env(args)
+                assert cmd is None, cmd  # each machine starts its own processes; no pdsh/ssh to the others
                 for key, value in env.items():
                     patch.setenv(key, value)
                 plugin = DeepSpeedPlugin()
                 assert plugin.zero_stage == (2 if name == "zero2" else 3), name
+                if name == "zero3-2-machines":
+                    assert (args.nnodes, args.node_rank, args.rdzv_endpoint) == ("2", 1, "10.0.0.1:29500")
                 assert plugin.deepspeed_config["zero_optimization"].get("offload_optimizer"), name
             else:
                 env = prepare_multi_gpu_env(args)
@@ -130,10 +135,20 @@ def test_multi_node_layout_reaches_the_accelerate_config(tmp_path):
     plan = prepare_launch(load_recipe(write_recipe(tmp_path, distributed=distributed)), GPU_BOX)
     acc = yaml.safe_load(next(text for file, text in plan.files.items() if file.suffix == ".yaml"))
     assert {k: acc[k] for k in ("num_processes", "num_machines", "machine_rank", "main_process_ip",
-                                "main_process_port", "rdzv_backend", "same_network")} == {
+                                "main_process_port")} == {
         "num_processes": 6, "num_machines": 3, "machine_rank": 1, "main_process_ip": "10.1.2.3",
-        "main_process_port": 29600, "rdzv_backend": "c10d", "same_network": False}
+        "main_process_port": 29600}
     assert "machine 1 of 3" in plan.summary and "6 in all" in plan.summary
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    for file, text in plan.files.items():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(text)
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(plan.argv[3:]))
+    prepare_multi_gpu_env(args)  # what accelerate hands to torchrun
+    assert (args.rdzv_backend, args.rdzv_endpoint, args.nnodes, args.node_rank, args.nproc_per_node) == (
+        "c10d", "10.1.2.3:29600", "3", 1, "2")
 
 
 def test_launcher_settings_and_trainer_arguments_stay_apart(tmp_path):

@@ -20,16 +20,6 @@ from finetune.recipe.schema import DistributedSection
 
 CONFIGS_ENV = "FINETUNE_CONFIGS"  # where named configs live when the source tree is not next to the package
 
-# accelerate config keys the recipe decides; a named accelerate file may not disagree with them
-RECIPE_OWNED_KEYS = (
-    "num_processes",
-    "num_machines",
-    "machine_rank",
-    "main_process_ip",
-    "main_process_port",
-    "rdzv_backend",
-    "same_network",
-)
 TYPE_OF_STRATEGY = {"ddp": "MULTI_GPU", "deepspeed": "DEEPSPEED", "fsdp": "FSDP"}
 # a named accelerate file may be a DDP or an FSDP config; for DeepSpeed the recipe names the JSON itself
 STRATEGY_OF_YAML = {"MULTI_GPU": "ddp", "FSDP": "fsdp"}
@@ -147,6 +137,9 @@ def generated_deepspeed(dist: DistributedSection, named: NamedConfig | None) -> 
 def recipe_owned_values(dist: DistributedSection, processes: int) -> dict[str, Any]:
     """The accelerate keys that come from the recipe: the process and machine layout.
 
+    Not `rdzv_backend` or `same_network`: accelerate 1.15 ignores both in a config file (its
+    command-line defaults win), so the rendezvous backend goes on the command line instead.
+
     No `mixed_precision`: the Trainer takes it from the recipe's training.precision (bf16/fp16 flags),
     and a value here would override its "no" (transformers reads ACCELERATE_MIXED_PRECISION).
     """
@@ -155,8 +148,6 @@ def recipe_owned_values(dist: DistributedSection, processes: int) -> dict[str, A
         "num_machines": dist.num_machines,
         "machine_rank": dist.machine_rank,
         "main_process_port": dist.main_port,
-        "rdzv_backend": dist.rdzv_backend,
-        "same_network": dist.rdzv_backend == "static",  # static: fixed address; c10d: rendezvous endpoint
     }
     if dist.num_machines > 1:
         values["main_process_ip"] = dist.main_address

@@ -95,10 +95,10 @@ def plan_launch(ctx: Context, run_dir: Path) -> LaunchPlan:
     ds_file = run_dir / DEEPSPEED_FILE if ds is not None else None
     acc_file = run_dir / ACCELERATE_FILE
     acc = accelerate_config(d, ctx.processes, ctx.named, ds_file, ctx.zero_stage)
-    argv = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_file),
-        "-m", WORKER_MODULE, str(run_dir / "recipe.yaml"),
-    ]
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_file)]
+    if d.rdzv_backend != "static":  # read from the command line only (see configs.recipe_owned_values)
+        argv += ["--rdzv_backend", d.rdzv_backend]
+    argv += ["-m", WORKER_MODULE, str(run_dir / "recipe.yaml")]
     # one compute thread per process unless the user chose otherwise (torchrun does the same, with a warning)
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if d.strategy == "deepspeed" and ctx.machine.gpus == 0:
