@@ -1,6 +1,6 @@
 # finetune on a CUDA GPU box: docker build -t finetune . && docker run --gpus all -v $PWD:/work finetune train /work/recipe.yaml
 FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
-ENV PIP_NO_CACHE_DIR=1 HF_HOME=/cache/huggingface FINETUNE_CACHE=/cache/finetune
+ENV PIP_NO_CACHE_DIR=1 HF_HOME=/cache/huggingface FINETUNE_CACHE=/cache/finetune FINETUNE_CONFIGS=/opt/finetune/configs
 WORKDIR /opt/finetune
 COPY pyproject.toml README.md ./
 COPY finetune ./finetune

@@ -105,17 +105,42 @@ def train(
         False, "--force", help="With --resume: continue even if the recipe or data changed since the checkpoint."
     ),
 ) -> None:
-    """Train a model as the recipe says (SFT, DPO, ORPO or KTO; LoRA, QLoRA or full). Ctrl-C saves a checkpoint."""
+    """Train a model as the recipe says (SFT, DPO, ORPO or KTO; LoRA, QLoRA or full; one process or several).
+
+    Ctrl-C saves a checkpoint."""
     import shlex
 
     from finetune.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
+    if loaded.recipe.distributed.strategy != "none":
+        if resume is not None:
+            raise UserError(
+                "--resume: resuming a multi-process run (distributed.strategy: "
+                f"{loaded.recipe.distributed.strategy}) is not supported yet; resume it with "
+                "--set distributed.strategy=none --force on one process, or start a new run"
+            )
+        from finetune.launch.plan import launch_training
+
+        launch_training(loaded, overwrite=overwrite)  # re-launches through `accelerate launch`
+        return
     from finetune.redact import redact
     from finetune.train import run_training
 
     command = ["finetune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)), "--resume"]
     run_training(loaded, overwrite=overwrite, resume=resume, force=force, resume_command=shlex.join(redact(command)))
+
+
+@app.command("launch-plan")
+def launch_plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Print what `finetune train` would launch (command, environment, generated configs); start nothing."""
+    from finetune.launch.plan import describe_launch
+    from finetune.recipe import load_recipe
+
+    typer.echo(describe_launch(load_recipe(recipe, overrides)), nl=False)
 
 
 @app.command()

@@ -43,7 +43,7 @@ class RunLifecycle:
     """Context manager for one training run in its run directory (see the module docstring)."""
 
     def __init__(self, loaded: LoadedRecipe, *, overwrite: bool, resume: str | None, force: bool, log,
-                 resume_command: str | None = None):
+                 resume_command: str | None = None, launched: bool = False):
         if resume is not None and overwrite:
             raise UserError("--resume continues a run and --overwrite starts one afresh over it: choose one")
         self.loaded, self.recipe = loaded, loaded.recipe
@@ -54,10 +54,11 @@ class RunLifecycle:
         self.resumed_step: int | None = None  # read at the start: rotation may delete the checkpoint later
         self.lock = None
         self.main = os.environ.get("RANK", "0") == "0"  # torchrun and accelerate set RANK
+        self.launched = launched  # a worker of finetune.launch: the launcher holds the run dir's lock
         self._restore_env = None
 
     def __enter__(self) -> RunLifecycle:
-        if self.main:
+        if self.main and not self.launched:
             self.lock = claim_run_dir(self.dir, overwrite=self.overwrite, resume=self.resume is not None)
         try:
             self._start()

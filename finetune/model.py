@@ -122,6 +122,7 @@ def _bnb_config(recipe: Recipe, precision: Precision):
         bnb_4bit_quant_type=adapter.quant_type,
         bnb_4bit_use_double_quant=adapter.double_quant,
         bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=getattr(torch, adapter.quant_storage),
     )
 
 

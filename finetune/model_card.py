@@ -66,5 +66,10 @@ def model_card(report: dict, provenance: list[str]) -> str:
         "or `finetune chat PATH`, `finetune export PATH --format gguf`.",
     ]
     if provenance:
-        lines += ["", "## Provenance", "", "From the training run, in `provenance/`: " + ", ".join(provenance) + "."]
+        lines += [
+            "", "## Provenance", "",
+            "`provenance.json`: the resolved recipe, package versions, data hashes, hardware and final metrics "
+            "of the training run, with this merge's report. From the run, in `provenance/`: "
+            + ", ".join(provenance) + ".",
+        ]
     return "\n".join(lines) + "\n"

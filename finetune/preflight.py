@@ -113,7 +113,7 @@ def check_disk(plan: DiskPlan, run_dir: Path, log, free: int | None = None) -> N
 
 def report_longest(audits, max_length: int, log) -> None:
     """Log the longest sample against max_length, and how many rows max_length cuts."""
-    measured = [(max(a.lengths), a.name) for a in audits if a.lengths]
+    measured = [(a.length_max, a.name) for a in audits if a.length_max]
     if not measured:
         return
     longest, where = max(measured)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.launch.processes import is_main_process, main_process_first, zero3_weight_loading
 from finetune.lifecycle import RunLifecycle
 from finetune.logs import quiet_libraries, stderr
 from finetune.preflight import check_weights_format, report_longest
@@ -27,6 +28,7 @@ def run_training(
     log=None,
     resume_command: str | None = None,
     callbacks: tuple = (),
+    launched: bool = False,
 ) -> Path:
     """Run a validated recipe end to end and return the run directory.
 
@@ -40,12 +42,20 @@ def run_training(
         resume_command: The command printed when a signal interrupts the run.
         callbacks: Extra Trainer callbacks, run before the one that commits checkpoints (tests use
             them to fail at a chosen step).
+        launched: This is one process of a multi-process run (finetune.launch), whose launcher has
+            already claimed the run directory and written the resolved recipe this process was given.
     """
     log = log or stderr
-    start = _preflight(loaded.recipe)
+    recipe = loaded.recipe
+    if recipe.distributed.strategy != "none" and not launched:
+        raise UserError(
+            f"distributed.strategy: '{recipe.distributed.strategy}' starts several processes; "
+            "run it with `finetune train` (finetune.launch.plan.launch_training), not in this process"
+        )
+    start = _preflight(recipe)
     with RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
-                      resume_command=resume_command) as run:
-        return _train(loaded.recipe, start, run, log, callbacks)
+                      resume_command=resume_command, launched=launched) as run:
+        return _train(recipe, start, run, log, callbacks)
 
 
 def _train(recipe: Recipe, start, run: RunLifecycle, log, callbacks) -> Path:
@@ -58,12 +68,15 @@ def _train(recipe: Recipe, start, run: RunLifecycle, log, callbacks) -> Path:
 
     precision = resolve_precision(recipe)
     check_weights_format(start.base, recipe)
-    tokenizer = load_tokenizer(start.tokenizer, recipe.model)
-    train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
+    with main_process_first():  # a builtin model is built, a Hub model downloaded, once
+        tokenizer = load_tokenizer(start.tokenizer, recipe.model)
+    with main_process_first():  # one process prepares (and caches) the data while the others wait
+        train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
 
     log(f"loading {start.base} ({precision.load_dtype}, {precision.device})"
         + (f" with the adapter of {start.run} to keep training" if start.adapter else ""))
-    model = load_start_adapter(load_model(start.base, recipe, precision, revision=start.revision), start)
+    with zero3_weight_loading():
+        model = load_start_adapter(load_model(start.base, recipe, precision, revision=start.revision), start)
     peft_config = None if start.adapter else build_peft_config(recipe)
     trainer = TRAINERS[recipe.method.kind](
         recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir
@@ -78,6 +91,8 @@ def _train(recipe: Recipe, start, run: RunLifecycle, log, callbacks) -> Path:
     result = run.train(trainer, start.base, callbacks)
     seconds = time.perf_counter() - started
     summary = _save_outputs(recipe, trainer, tokenizer, run_dir, result.metrics, seconds, run.resumed_step)
+    if summary is None:  # another process of a multi-process run: the main one writes and reports
+        return run_dir
     run.finish(summary, run_dir / _artifact_name(recipe))
     from finetune.progress import describe_reward_change
 
@@ -123,7 +138,8 @@ def _build_data(recipe: Recipe, tokenizer, run_dir: Path, log):
 
         return build_preference_data(recipe.data, recipe.method.kind, run_dir / "audit.json", log)
     train_ds, eval_ds, audits = prepare_datasets(recipe, tokenizer, log)
-    write_audit(audits, run_dir / "audit.json")
+    if is_main_process():
+        write_audit(audits, run_dir / "audit.json")
     report_longest(audits, recipe.training.max_length, log)
     keep = ["input_ids", "labels"]  # our `source` tags stay in the cache and the preview
     return train_ds.select_columns(keep), eval_ds.select_columns(keep) if eval_ds is not None else None
@@ -225,9 +241,16 @@ TRAINERS = {"sft": run_sft, **{kind: run_preference for kind in PREFERENCE_KINDS
 
 
 def _log_trainable(model, log) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log(f"trainable parameters: {trainable:,} of {total:,} ({trainable / max(total, 1):.2%})")
+    def numel(p) -> int:  # under ZeRO-3 a parameter holds only its shard; ds_numel is its full size
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
+    sharded = any(hasattr(p, "ds_id") for p in model.parameters())
+    log(
+        f"trainable parameters: {trainable:,} of {total:,} ({trainable / max(total, 1):.2%})"
+        + ("; base weights loaded straight into ZeRO-3 shards" if sharded else "")
+    )
 
 
 def _artifact_name(recipe: Recipe) -> str:
@@ -236,13 +259,22 @@ def _artifact_name(recipe: Recipe) -> str:
 
 def _save_outputs(
     recipe, trainer, tokenizer, run_dir: Path, metrics: dict, seconds: float, resumed_step: int | None
-) -> dict:
-    """Adapter (or full model) with the tokenizer and chat template used in training, and a summary."""
+) -> dict | None:
+    """Adapter (or full model) with the tokenizer and chat template used in training, and a summary.
+
+    Every process calls this: under ZeRO-3 or FSDP saving gathers the shards from all of them, and
+    only the main process writes (it alone returns the summary).
+    """
     out = run_dir / _artifact_name(recipe)
     peft_config = getattr(trainer.model, "peft_config", {})
-    # TRL adds a frozen "ref" copy when it continues an adapter; only the trained one is the output.
-    selected = {"selected_adapters": ["default"]} if len(peft_config) > 1 else {}
-    trainer.model.save_pretrained(out, **selected)
+    if len(peft_config) > 1:
+        # TRL adds a frozen "ref" copy when it continues an adapter; only the trained one is the output.
+        if trainer.is_world_process_zero():
+            trainer.model.save_pretrained(out, selected_adapters=["default"])
+    else:
+        trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return None
     tokenizer.save_pretrained(out)
     if recipe.method.kind in PREFERENCE_KINDS:
         from finetune.preference import describe_reference

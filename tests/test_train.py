@@ -81,7 +81,8 @@ def test_merge_matches_adapter_and_keeps_base_dtype(lora_run, tmp_path):
     assert report["max_abs_logit_diff"] < 1e-4 and report["greedy_generations_agree"]
     provenance = json.loads((out / "provenance.json").read_text())  # the run's provenance travels with the merge
     assert provenance["merge"] == report and provenance["recipe"]["name"] == "lora"
-    assert "A model merged from a LORA adapter" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "## Verification" in card and "`provenance.json`" in card
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.float32
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))

@@ -234,6 +234,11 @@ class QLoraAdapter(LoraFields):
     double_quant: bool = Field(
         True, description="Quantise the quantisation constants too (saves ~0.4 bit/param)."
     )
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8",
+        description="dtype the packed 4-bit weights are stored in. DeepSpeed ZeRO-3 and FSDP shard only "
+        "floating-point tensors of one dtype: there set it to the dtype the model loads in (e.g. bfloat16).",
+    )
 
 
 def _adapter_kind(value) -> str | None:
@@ -296,9 +301,127 @@ class TrainingSection(Section):
 
 
 class DistributedSection(Section):
-    strategy: Literal["none"] = Field(
-        "none", description="How training is spread over processes. Only 'none' (one process) for now."
+    """How many processes train and how they share the work; launched through `accelerate launch`.
+
+    Only launcher settings live here. They reach the processes through the accelerate config and
+    DeepSpeed JSON written into the run directory, never through the trainer's arguments.
+    """
+
+    strategy: Literal["none", "ddp", "deepspeed", "fsdp"] = Field(
+        "none",
+        description="How training is spread over processes: 'none' (this process only), 'ddp' (data parallel, "
+        "a full model per process), 'deepspeed' (ZeRO sharding), 'fsdp' (PyTorch FSDP2; GPUs only).",
     )
+    num_processes: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="Processes per machine, one per device. 'auto': one per visible GPU (one process with "
+        "strategy none). On a machine without GPUs give a number (gloo processes, at most one per core).",
+    )
+    config: str | None = Field(
+        None,
+        description="Use a ready file instead of generating one: a name from configs/ (zero1, zero2, zero3, "
+        "zero3-offload for DeepSpeed; fsdp2-full-shard, fsdp2-shard-grad-op for FSDP) or a path to a "
+        "DeepSpeed .json or accelerate .yaml file. The file then decides ZeRO/FSDP settings.",
+    )
+    zero_stage: Literal[1, 2, 3] | None = Field(
+        None,
+        description="DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters. "
+        "Required with strategy deepspeed unless config names a file.",
+    )
+    offload_optimizer: bool = Field(
+        False,
+        description="DeepSpeed: keep optimizer states in CPU memory and step there (DeepSpeedCPUAdam, "
+        "compiled on first use). Saves GPU memory, costs speed.",
+    )
+    offload_params: bool = Field(
+        False,
+        description="Keep parameters in CPU memory between uses (DeepSpeed ZeRO-3 or FSDP). Saves GPU memory, "
+        "costs speed.",
+    )
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] | None = Field(
+        None,
+        description="FSDP: 'full_shard' re-shards parameters after each forward (least memory); "
+        "'shard_grad_op' keeps them gathered until backward (faster). Default full_shard.",
+    )
+    fsdp_auto_wrap: Literal["transformer_layer", "size"] | None = Field(
+        None,
+        description="FSDP: wrap each transformer layer (the model's own layer classes) or every module above "
+        "fsdp_min_params parameters. Default transformer_layer.",
+    )
+    fsdp_min_params: PositiveInt | None = Field(
+        None, description="FSDP with fsdp_auto_wrap: size: parameters a module needs to be wrapped (default 1e8)."
+    )
+    num_machines: PositiveInt = Field(1, description="Machines (nodes) taking part; each runs the same recipe.")
+    machine_rank: int = Field(
+        0, ge=0, description="This machine's rank, 0 to num_machines-1; machine 0 hosts the main process."
+    )
+    main_address: str | None = Field(
+        None, description="IP address or host name of machine 0, reachable from every machine (multi-node)."
+    )
+    main_port: int = Field(29500, ge=1, le=65535, description="Free TCP port on machine 0 for the rendezvous.")
+    rdzv_backend: Literal["static", "c10d"] = Field(
+        "static",
+        description="Rendezvous: 'static' (fixed ranks, all machines start together) or 'c10d' "
+        "(torch elastic rendezvous at main_address:main_port).",
+    )
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> DistributedSection:
+        s = self.strategy
+        zero_set = [k for k in ("zero_stage", "offload_optimizer") if getattr(self, k)]
+        fsdp_set = [k for k in ("fsdp_sharding", "fsdp_auto_wrap", "fsdp_min_params") if getattr(self, k)]
+        decided = zero_set + fsdp_set + (["offload_params"] if self.offload_params else [])
+        check_rules(
+            [
+                (
+                    s == "none" and (self.num_processes not in ("auto", 1) or self.num_machines > 1),
+                    "strategy",
+                    "is 'none' (one process), but num_processes/num_machines ask for more; set strategy: ddp, "
+                    "deepspeed or fsdp",
+                ),
+                (s == "none" and self.config is not None, "config", "needs a strategy other than 'none'"),
+                *[(s != "deepspeed", k, f"is a DeepSpeed setting, but strategy is '{s}'") for k in zero_set],
+                *[(s != "fsdp", k, f"is an FSDP setting, but strategy is '{s}'") for k in fsdp_set],
+                (
+                    self.offload_params and s not in ("fsdp", "deepspeed"),
+                    "offload_params",
+                    f"needs strategy deepspeed (zero_stage 3) or fsdp, not '{s}'",
+                ),
+                (
+                    self.offload_params and s == "deepspeed" and self.zero_stage in (1, 2),
+                    "offload_params",
+                    "DeepSpeed offloads parameters only at zero_stage 3 (stages 1-2 keep them on every device); "
+                    "set zero_stage: 3 or use offload_optimizer",
+                ),
+                (
+                    s == "deepspeed" and self.zero_stage is None and self.config is None,
+                    "zero_stage",
+                    "strategy deepspeed needs zero_stage (1, 2 or 3) or config (e.g. config: zero3)",
+                ),
+                (
+                    self.config is not None and bool(decided),
+                    "config",
+                    f"names a file that decides the ZeRO/FSDP settings; remove {', '.join(decided)}, or config",
+                ),
+                (
+                    self.fsdp_min_params is not None and self.fsdp_auto_wrap != "size",
+                    "fsdp_min_params",
+                    "applies only with fsdp_auto_wrap: size",
+                ),
+                (
+                    self.num_machines > 1 and not self.main_address,
+                    "num_machines",
+                    f"is {self.num_machines}: set main_address too (machine 0's IP or host name, the same on every "
+                    "machine)",
+                ),
+                (
+                    self.machine_rank >= self.num_machines,
+                    "machine_rank",
+                    f"is {self.machine_rank}, but ranks run from 0 to num_machines-1 ({self.num_machines - 1})",
+                ),
+            ]
+        )
+        return self
 
 
 class LoggingSection(Section):
@@ -349,7 +472,8 @@ class Recipe(Section):
     )
     training: TrainingSection = Field(default_factory=TrainingSection, description="Optimisation settings.")
     distributed: DistributedSection = Field(
-        default_factory=DistributedSection, description="Multi-process settings."
+        default_factory=DistributedSection,
+        description="Processes, machines and sharding; more than one process is launched through accelerate.",
     )
     logging: LoggingSection = Field(default_factory=LoggingSection, description="Metric reporting.")
     output: OutputSection = Field(default_factory=OutputSection, description="Where the run is written.")
