@@ -112,7 +112,7 @@ def merge(
         help="Save in this dtype (float32, bfloat16, float16). Default: the base model's dtype.",
     ),
 ) -> None:
-    """Bake a LoRA/QLoRA adapter into its base model and save it as safetensors, verified."""
+    """Bake an adapter (LoRA family, AdaLoRA, IA³) into its base model and save it as safetensors, verified."""
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype: expected float32, bfloat16 or float16, found {dtype!r}")
     from finetune.merge import run_merge

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from finetune.adapters.mergeable import refuse_unmergeable
 from finetune.errors import UserError
 from finetune.logs import quiet_libraries, stderr
+from finetune.vocab import fit_embeddings
 
 VERIFY_PROMPTS = [
     "What is the capital of France?",
@@ -50,6 +52,7 @@ def locate(source: Path) -> MergeSource:
                 "a complete model that transformers loads as is, so there is nothing to merge"
             )
         adapter_dir = source / "adapter"
+        refuse_unmergeable(source, adapter_dir, kind=recipe.adapter.kind, init=getattr(recipe.adapter, "init", None))
         if not (adapter_dir / "adapter_config.json").is_file():
             raise UserError(
                 f"{source}: no adapter in {adapter_dir}; did the run finish? (see {source}/metrics.jsonl)"
@@ -58,6 +61,7 @@ def locate(source: Path) -> MergeSource:
     config_file = source / "adapter_config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text(encoding="utf-8"))
+        refuse_unmergeable(source, source, peft_type=config.get("peft_type"))
         base = config.get("base_model_name_or_path")
         if not base:
             raise UserError(
@@ -96,6 +100,7 @@ def run_merge(source: Path, *, out: Path | None = None, dtype: str | None = None
     tokenizer = AutoTokenizer.from_pretrained(found.adapter_dir)
     log(f"merging {found.adapter_dir} into {found.base} (base dtype {_name(base_dtype)}, merge in float32)")
     base = AutoModelForCausalLM.from_pretrained(found.base, dtype=torch.float32)
+    fit_embeddings(base, tokenizer)  # tokens added in training: the adapter holds rows the base lacks
     model = PeftModel.from_pretrained(base, found.adapter_dir).eval()
     inputs = _verify_inputs(tokenizer)
     reference = _logits(model, inputs)

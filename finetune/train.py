@@ -19,27 +19,19 @@ def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> 
     recipe = loaded.recipe
     _preflight(recipe)
     quiet_libraries()
+    from finetune.adapters.targets import check_selection, read_layout
+    from finetune.tiny import resolve_model_path
+
+    model_path = resolve_model_path(recipe.model.path)
+    # Module names in the adapter section are matched on the model's meta-device skeleton (no weights),
+    # before the run directory is claimed, so a typo costs seconds and leaves nothing behind.
+    layout = read_layout(model_path, recipe)
+    check_selection(recipe, layout, recipe.model.path)
     run_dir = claim_run_dir(Path(recipe.run_dir), overwrite=overwrite)
     write_recipe(recipe, run_dir / "recipe.yaml")
     log(f"run directory: {run_dir}  (resolved recipe in {run_dir / 'recipe.yaml'})")
 
-    from finetune.model import build_peft_config, load_model, load_tokenizer, resolve_precision
-    from finetune.tiny import resolve_model_path
-
-    precision = resolve_precision(recipe)
-    model_path = resolve_model_path(recipe.model.path)
-    tokenizer = load_tokenizer(model_path, recipe.model)
-    from finetune.data.templates import resolve_chat_template
-
-    tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template, tokenizer)
-    train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
-
-    log(f"loading {recipe.model.path} ({precision.load_dtype}, {precision.device})")
-    model = load_model(model_path, recipe, precision)
-    trainer = TRAINERS[recipe.method.kind](
-        recipe, model, tokenizer, train_ds, eval_ds, build_peft_config(recipe), precision, run_dir
-    )
-    _log_trainable(trainer.model, log)
+    trainer, tokenizer = _build_trainer(recipe, model_path, layout, run_dir, log)
     started = time.perf_counter()
     result = trainer.train()
     _save_outputs(recipe, trainer, tokenizer, run_dir, result.metrics, time.perf_counter() - started)
@@ -48,6 +40,39 @@ def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> 
         + (f"; next: finetune merge {run_dir}" if recipe.adapter.kind != "full" else "")
     )
     return run_dir
+
+
+def _build_trainer(recipe: Recipe, model_path: str, layout, run_dir: Path, log):
+    """Tokenizer (with added tokens), data, model, adapter and trainer; print what will be trained."""
+    from finetune.adapters import hooks
+    from finetune.adapters.configs import build_peft_config
+    from finetune.adapters.summary import count_parameters, summary_lines
+    from finetune.data.templates import resolve_chat_template
+    from finetune.model import load_model, load_tokenizer, resolve_precision
+    from finetune.vocab import add_special_tokens, fit_embeddings
+
+    precision = resolve_precision(recipe)
+    tokenizer = load_tokenizer(model_path, recipe.model)
+    new_tokens = add_special_tokens(tokenizer, recipe.model.add_special_tokens)
+    tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template, tokenizer)
+    train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
+    total_steps = _total_steps(recipe, train_ds) if recipe.adapter.kind == "adalora" else None
+
+    log(f"loading {recipe.model.path} ({precision.load_dtype}, {precision.device})")
+    model = load_model(model_path, recipe, precision)
+    if fit_embeddings(model, tokenizer, recipe.training.seed):
+        log(f"added tokens {new_tokens}: embeddings resized to {len(tokenizer)} rows")
+    hooks.freeze_except(model, recipe)
+    peft_config = build_peft_config(
+        recipe, model_path=model_path, hidden_size=layout.hidden_size, total_steps=total_steps
+    )
+    trainer = TRAINERS[recipe.method.kind](
+        recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir
+    )
+    hooks.prepare_trainer(trainer, recipe, run_dir, model_path, total_steps)
+    for line in summary_lines(count_parameters(trainer.model)):
+        log(line)
+    return trainer, tokenizer
 
 
 def _preflight(recipe: Recipe) -> None:
@@ -221,10 +246,19 @@ def run_dpo(recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision,
 TRAINERS = {"sft": run_sft, "dpo": run_dpo}
 
 
-def _log_trainable(model, log) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log(f"trainable parameters: {trainable:,} of {total:,} ({trainable / max(total, 1):.2%})")
+def _total_steps(recipe: Recipe, train_ds) -> int:
+    """Optimizer steps of the run, from the rows the trainer will see (packed rows when packing)."""
+    import os
+
+    from finetune.adapters.configs import total_optimizer_steps
+
+    rows = len(train_ds)
+    if recipe.method.kind == "sft" and recipe.method.packing:
+        from trl.data_utils import pack_dataset
+
+        # the same packing SFTTrainer applies (run_sft: packing_strategy bfd)
+        rows = len(pack_dataset(train_ds.select_columns(["input_ids", "labels"]), recipe.training.max_length, "bfd"))
+    return total_optimizer_steps(rows, recipe.training, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _artifact_name(recipe: Recipe) -> str:
@@ -233,8 +267,13 @@ def _artifact_name(recipe: Recipe) -> str:
 
 def _save_outputs(recipe, trainer, tokenizer, run_dir: Path, metrics: dict, seconds: float) -> None:
     """Adapter (or full model) with the tokenizer and chat template used in training, and a summary."""
+    from finetune.adapters.hooks import save_adapter
+
     out = run_dir / _artifact_name(recipe)
-    trainer.model.save_pretrained(out)
+    if recipe.adapter.kind == "full":
+        trainer.model.save_pretrained(out)
+    else:
+        save_adapter(trainer.model, out, recipe, run_dir)
     tokenizer.save_pretrained(out)
     summary = {"train_seconds": round(seconds, 2), "global_step": trainer.state.global_step, **metrics}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
