@@ -156,6 +156,24 @@ def make_eval(rng: random.Random, train: list[dict], n: int = 30) -> list[dict]:
     return rows
 
 
+TOOL_CALL, TOOL_CALL_END = "<tool_call>", "</tool_call>"  # not in the builtin vocabulary: recipes add them
+
+
+def make_tool_calls(rng: random.Random, n: int = 120) -> list[dict]:
+    """Chat rows whose answers are tool calls wrapped in new special tokens (recipes/tiny/sft_new_tokens.yaml)."""
+    rows = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            country = rng.choice(sorted(CAPITALS))
+            question, call = f"Look up the capital of {country}.", f'capital("{country}")'
+        else:
+            a, b = rng.choice(TRAIN_SUMS)
+            question, call = f"Use the calculator: what is {a} plus {b}?", f"add({a}, {b})"
+        answer = f"{TOOL_CALL}{call}{TOOL_CALL_END}"
+        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write one compact JSON object per line."""
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -165,7 +183,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    """Generate all four files into the output directory."""
+    """Generate all five files into the output directory."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     out = parser.parse_args().out_dir
@@ -176,6 +194,7 @@ def main() -> None:
     write_jsonl(out / "sample_prompt_completion.jsonl", make_prompt_completion(random.Random(SEED + 1)))
     write_jsonl(out / "sample_preference.jsonl", make_preference(random.Random(SEED + 2)))
     write_jsonl(out / "sample_eval_chat.jsonl", make_eval(random.Random(SEED + 3), chat))
+    write_jsonl(out / "sample_tool_calls.jsonl", make_tool_calls(random.Random(SEED + 4)))
 
 
 if __name__ == "__main__":
