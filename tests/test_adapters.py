@@ -37,6 +37,7 @@ def problems(adapter: dict, **sections) -> list[str]:
         {"kind": "prompt_tuning", "init": "text", "init_text": "Answer briefly."},
         {"kind": "prefix_tuning", "prefix_projection": True, "projection_hidden_size": 64},
         {"kind": "full", "trainable_modules": ["embed_tokens", "lm_head"]},
+        {"kind": "full"},
     ],
     ids=lambda a: a["kind"],
 )

@@ -309,7 +309,7 @@ class FullAdapter(Section):
     @field_validator("trainable_modules", mode="before")
     @classmethod
     def _check_string(cls, value):
-        return check_target_string(value, all_linear=False)
+        return None if value is None else check_target_string(value, all_linear=False)
 
 
 class LoraAdapter(LoraFields):
