@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.adapters.mergeable import refuse_unmergeable
+from finetune.adapters.mergeable import init_of_run, refuse_unmergeable
 from finetune.errors import UserError
 from finetune.logs import quiet_libraries, stderr
 from finetune.vocab import fit_embeddings
@@ -61,7 +61,7 @@ def locate(source: Path) -> MergeSource:
     config_file = source / "adapter_config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text(encoding="utf-8"))
-        refuse_unmergeable(source, source, peft_type=config.get("peft_type"))
+        refuse_unmergeable(source, source, peft_type=config.get("peft_type"), init=init_of_run(source))
         base = config.get("base_model_name_or_path")
         if not base:
             raise UserError(

@@ -166,8 +166,9 @@ def test_qlora_loftq_trains_reloads_and_merge_refuses(tmp_path, monkeypatch, tor
     adapter = {"kind": "qlora", "r": 4, "alpha": 8, "dropout": 0.0, "init": "loftq", "target_modules": ["q_proj"]}
     run_dir, trainer = train_keeping_trainer(tmp_path, monkeypatch, "loftq", adapter=adapter)
     assert_reloads_identically(run_dir, trainer)
-    with pytest.raises(UserError, match="initialised with LoftQ.*add that error a second time"):
-        run_merge(run_dir, log=lambda _: None)
+    for source in (run_dir, run_dir / "adapter"):  # the run, or its adapter directory
+        with pytest.raises(UserError, match="initialised with LoftQ.*add that error a second time"):
+            run_merge(source, log=lambda _: None)
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])

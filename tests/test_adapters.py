@@ -50,6 +50,15 @@ def test_every_kind_validates_and_round_trips(adapter):
     assert again.adapter == parsed.adapter
 
 
+def test_switching_kind_with_set_replaces_the_section():
+    from finetune.recipe import load_recipe
+    from tests.conftest import REPO
+
+    for kind in ("full", "lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning"):
+        loaded = load_recipe(REPO / "recipes/tiny/sft_lora.yaml", [f"adapter={{kind: {kind}}}"])
+        assert loaded.recipe.adapter.kind == kind
+
+
 @pytest.mark.parametrize(
     ("adapter", "sections", "expected"),
     [
