@@ -43,6 +43,8 @@ def prepare_trainer(trainer, recipe: Recipe, run_dir: Path, model_path: str, tot
         if adapter.init in MUTATING_INITS:
             trainer.model.save_pretrained(run_dir / INITIAL_ADAPTER)
         if adapter.loraplus_lr_ratio is not None:
+            # What `optimizers=(optimizer, None)` at construction does (Trainer builds its own in train() only
+            # when none is set), done here because the optimizer needs the model the trainer wrapped.
             trainer.optimizer = loraplus_optimizer(trainer, adapter.loraplus_lr_ratio)
     if isinstance(adapter, AdaLoraAdapter):
         trainer.add_callback(AdaLoraRankAllocation(total_steps, adapter.orth_reg_weight))
