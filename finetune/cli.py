@@ -158,7 +158,7 @@ def merge(
         "5GB", "--max-shard-size", help="Largest safetensors file (e.g. 5GB, 500MB); bigger models are sharded."
     ),
 ) -> None:
-    """Bake a LoRA/QLoRA adapter into its base model and save it as safetensors, verified."""
+    """Bake an adapter (LoRA family, AdaLoRA, IA³) into its base model and save it as safetensors, verified."""
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype: expected float32, bfloat16 or float16, found {dtype!r}")
     if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)", max_shard_size):

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import yaml
 
+from finetune.adapters.mergeable import init_of_run, refuse_unmergeable
 from finetune.errors import UserError
 from finetune.logs import quiet_libraries, stderr
 from finetune.merge_checks import check_adapter_matches_base, check_adapter_type, check_base_unquantised
+from finetune.vocab import fit_embeddings
 
 VERIFY_PROMPTS = [
     "What is the capital of France?",
@@ -52,6 +54,7 @@ def locate(source: Path) -> MergeSource:
                 "a complete model that transformers loads as is, so there is nothing to merge"
             )
         adapter_dir = source / "adapter"
+        refuse_unmergeable(source, adapter_dir, kind=recipe.adapter.kind, init=getattr(recipe.adapter, "init", None))
         if not (adapter_dir / "adapter_config.json").is_file():
             raise UserError(
                 f"{source}: no adapter in {adapter_dir}; did the run finish? (see {source}/metrics.jsonl)"
@@ -63,8 +66,9 @@ def locate(source: Path) -> MergeSource:
         )
     config_file = source / "adapter_config.json"
     if config_file.is_file():
-        check_adapter_type(source)
         config = json.loads(config_file.read_text(encoding="utf-8"))
+        refuse_unmergeable(source, source, peft_type=config.get("peft_type"), init=init_of_run(source))
+        check_adapter_type(source)
         base = config.get("base_model_name_or_path")
         if not base:
             raise UserError(
@@ -110,6 +114,7 @@ def run_merge(
     base = AutoModelForCausalLM.from_pretrained(
         found.base, dtype=torch.float32, use_safetensors=None if found.allow_pickle else True
     )
+    fit_embeddings(base, tokenizer)  # tokens added in training: the adapter holds rows the base lacks
     model = PeftModel.from_pretrained(base, found.adapter_dir).eval()
     inputs = _verify_inputs(tokenizer)
     reference = _logits(model, inputs)

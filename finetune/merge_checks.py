@@ -11,7 +11,7 @@ from pathlib import Path
 
 from finetune.errors import UserError
 
-PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
+MERGEABLE = {"LORA", "ADALORA", "IA3"}  # methods that add (or scale) weights merge_and_unload can fold in
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
@@ -24,15 +24,14 @@ def read_adapter_config(adapter_dir: Path) -> dict:
 
 
 def check_adapter_type(adapter_dir: Path) -> None:
-    """Only LoRA adds weight deltas that can be baked into the base."""
+    """Only weight-changing adapters can be baked into the base (prompt learning is refused earlier, with
+    its reason, by adapters.mergeable.refuse_unmergeable)."""
     peft_type = str(read_adapter_config(adapter_dir).get("peft_type", "LORA")).upper()
-    if peft_type in PROMPT_LEARNING:
+    if peft_type not in MERGEABLE:
         raise UserError(
-            f"{adapter_dir}: a {peft_type} adapter learns virtual prompt tokens, not weight changes, so it cannot be "
-            "merged into the base; serve it unmerged (PeftModel.from_pretrained, or `finetune chat --adapter`)"
+            f"{adapter_dir}: finetune merges {', '.join(sorted(MERGEABLE))} adapters; this one is {peft_type}. "
+            "Use it unmerged: PeftModel.from_pretrained(base, adapter dir), or `finetune chat --adapter`"
         )
-    if peft_type != "LORA":
-        raise UserError(f"{adapter_dir}: finetune merges LoRA adapters; this one is {peft_type}")
 
 
 def check_base_unquantised(base_config, base: str) -> None:
@@ -62,11 +61,13 @@ def check_adapter_matches_base(adapter_dir: Path, base_config, base: str) -> Non
         skeleton = AutoModelForCausalLM.from_config(base_config)
     modules = dict(skeleton.named_modules())
     params = dict(skeleton.named_parameters())
+    embeddings = [skeleton.get_input_embeddings(), skeleton.get_output_embeddings()]
+    vocab = {name for name, p in params.items() if any(m is not None and p is m.weight for m in embeddings)}
     problems = []
     with safe_open(weights, framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             shape = tuple(f.get_slice(key).get_shape())
-            problem = _mismatch(key.removeprefix("base_model.model."), shape, modules, params)
+            problem = _mismatch(key.removeprefix("base_model.model."), shape, modules, params, vocab)
             if problem:
                 problems.append(problem)
     if problems:
@@ -78,10 +79,18 @@ def check_adapter_matches_base(adapter_dir: Path, base_config, base: str) -> Non
         )
 
 
-def _mismatch(key: str, shape: tuple, modules: dict, params: dict) -> str | None:
-    for part, axis in ((".lora_A.", 1), (".lora_B.", 0), (".lora_embedding_A", 1), (".lora_embedding_B", 0)):
-        if part in key:
-            name = key.split(part)[0]
+def _mismatch(key: str, shape: tuple, modules: dict, params: dict, vocab: set[str]) -> str | None:
+    # modules_to_save wrappers ("lm_head.modules_to_save.weight") hold copies of the base parameter
+    parts = [p for p in key.split(".") if p not in ("modules_to_save", "original_module")]
+    key = ".".join(parts)
+    for part in ("ia3_l", "lora_E", "ranknum"):  # IA3 scales, AdaLoRA singular values: per module
+        if part in parts:
+            name = ".".join(parts[: parts.index(part)])
+            return None if name in modules else f"{key}: the base has no module {name}"
+    # LoRA saves "x.lora_A.weight", AdaLoRA "x.lora_A" (a bare parameter)
+    for part, axis in (("lora_A", 1), ("lora_B", 0), ("lora_embedding_A", 1), ("lora_embedding_B", 0)):
+        if part in parts:
+            name = ".".join(parts[: parts.index(part)])
             module = modules.get(name)
             if module is None:
                 return f"{key}: the base has no module {name}"
@@ -97,6 +106,8 @@ def _mismatch(key: str, shape: tuple, modules: dict, params: dict) -> str | None
     if param is None:
         return f"{key}: the base has no parameter {key}"
     if tuple(param.shape) != shape:
+        if key in vocab and shape[1:] == tuple(param.shape[1:]) and shape[0] > param.shape[0]:
+            return None  # rows of tokens added in training (model.add_special_tokens); merge grows the base
         return f"{key}: adapter shape {list(shape)}, base {list(param.shape)}"
     return None
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finetune.errors import UserError
-from finetune.recipe.schema import LoraFields, ModelSection, Recipe
+from finetune.recipe.schema import ModelSection, Recipe
 
 if TYPE_CHECKING:
     import torch
@@ -123,25 +123,6 @@ def _bnb_config(recipe: Recipe, precision: Precision):
         bnb_4bit_use_double_quant=adapter.double_quant,
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=getattr(torch, adapter.quant_storage),
-    )
-
-
-def build_peft_config(recipe: Recipe):
-    """The PEFT LoraConfig for lora/qlora recipes, None for full fine-tuning."""
-    adapter = recipe.adapter
-    if not isinstance(adapter, LoraFields):
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=adapter.r,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=adapter.target_modules,
-        use_dora=adapter.use_dora,
-        use_rslora=adapter.use_rslora,
-        modules_to_save=adapter.modules_to_save or None,
-        task_type="CAUSAL_LM",
     )
 
 

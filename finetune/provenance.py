@@ -160,9 +160,9 @@ def model_card(provenance: dict[str, Any], *, merged: bool = False) -> str:
               f"- learning rate {training['learning_rate']} ({training['lr_scheduler']}), {steps}, "
               f"micro batch {training['micro_batch_size']} x {training['gradient_accumulation_steps']} accumulation, "
               f"max length {training['max_length']}, seed {training['seed']}"]
-    if adapter["kind"] != "full":
-        lines.append(f"- rank {adapter['r']}, alpha {adapter['alpha']}, dropout {adapter['dropout']}, "
-                     f"target modules {adapter['target_modules']}")
+    if adapter["kind"] != "full":  # the fields differ by kind (r for LoRA, init_r for AdaLoRA, none for IA3 ...)
+        settings = [f"{key} {value}" for key, value in adapter.items() if key != "kind" and value not in (None, [], {})]
+        lines.append(f"- {adapter['kind']} adapter: {', '.join(settings)}")
     shown = {k: v for k, v in metrics.items() if k in ("global_step", "train_loss", "final_loss", "eval_loss",
                                                         "eval_perplexity", "train_seconds")}
     if shown:

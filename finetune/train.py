@@ -53,40 +53,61 @@ def run_training(
             "run it with `finetune train` (finetune.launch.plan.launch_training), not in this process"
         )
     start = _preflight(recipe)
+    quiet_libraries()
+    from finetune.adapters.targets import check_selection, read_layout
+
+    # Module names in the adapter section are matched on the model's meta-device skeleton (no weights),
+    # before the run directory is claimed, so a typo costs seconds and leaves nothing behind.
+    layout = read_layout(start.base, recipe)
+    check_selection(recipe, layout, recipe.model.path)
     with RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
                       resume_command=resume_command, launched=launched) as run:
-        return _train(recipe, start, run, log, callbacks)
+        return _train(recipe, start, layout, run, log, callbacks)
 
 
-def _train(recipe: Recipe, start, run: RunLifecycle, log, callbacks) -> Path:
+def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks) -> Path:
     run_dir = run.dir
-    quiet_libraries()
     log(f"run directory: {run_dir}  (resolved recipe in {run_dir / 'recipe.yaml'})")
 
-    from finetune.model import build_peft_config, load_model, load_tokenizer, resolve_precision
+    from finetune.adapters import hooks
+    from finetune.adapters.configs import build_peft_config
+    from finetune.adapters.summary import count_parameters, summary_lines
+    from finetune.model import load_model, load_tokenizer, resolve_precision
     from finetune.start import load_start_adapter
+    from finetune.vocab import add_special_tokens, fit_embeddings
 
     precision = resolve_precision(recipe)
     check_weights_format(start.base, recipe)
     with main_process_first():  # a builtin model is built, a Hub model downloaded, once
         tokenizer = load_tokenizer(start.tokenizer, recipe.model)
+    new_tokens = add_special_tokens(tokenizer, recipe.model.add_special_tokens)
     with main_process_first():  # one process prepares (and caches) the data while the others wait
         train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
+    total_steps = _total_steps(recipe, train_ds) if recipe.adapter.kind == "adalora" else None
 
     log(f"loading {start.base} ({precision.load_dtype}, {precision.device})"
         + (f" with the adapter of {start.run} to keep training" if start.adapter else ""))
     with zero3_weight_loading():
         model = load_start_adapter(load_model(start.base, recipe, precision, revision=start.revision), start)
-    peft_config = None if start.adapter else build_peft_config(recipe)
+    if fit_embeddings(model, tokenizer, recipe.training.seed):
+        log(f"added tokens {new_tokens}: embeddings resized to {len(tokenizer)} rows")
+    hooks.freeze_except(model, recipe)
+    peft_config = None if start.adapter else build_peft_config(
+        recipe, model_path=start.base, hidden_size=layout.hidden_size, total_steps=total_steps
+    )
     trainer = TRAINERS[recipe.method.kind](
         recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir
     )
+    hooks.prepare_trainer(trainer, recipe, run_dir, start.base, total_steps)
     if recipe.method.kind in PREFERENCE_KINDS:
         from finetune.preference import check_prepared, describe_reference
 
         _add_to_audit(run_dir / "audit.json", check_prepared(recipe, trainer, len(train_ds), log))
         log(f"reference model: {describe_reference(trainer, recipe)}")
-    _log_trainable(trainer.model, log)
+    for line in summary_lines(count_parameters(trainer.model)):
+        log(line)
+    if any(hasattr(p, "ds_id") for p in trainer.model.parameters()):
+        log("base weights loaded straight into ZeRO-3 shards")
     started = time.perf_counter()
     result = run.train(trainer, start.base, callbacks)
     seconds = time.perf_counter() - started
@@ -240,17 +261,19 @@ def run_preference(recipe, model, tokenizer, train_ds, eval_ds, peft_config, pre
 TRAINERS = {"sft": run_sft, **{kind: run_preference for kind in PREFERENCE_KINDS}}
 
 
-def _log_trainable(model, log) -> None:
-    def numel(p) -> int:  # under ZeRO-3 a parameter holds only its shard; ds_numel is its full size
-        return getattr(p, "ds_numel", p.numel())
+def _total_steps(recipe: Recipe, train_ds) -> int:
+    """Optimizer steps of the run, from the rows the trainer will see (packed rows when packing)."""
+    import os
 
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(numel(p) for p in model.parameters())
-    sharded = any(hasattr(p, "ds_id") for p in model.parameters())
-    log(
-        f"trainable parameters: {trainable:,} of {total:,} ({trainable / max(total, 1):.2%})"
-        + ("; base weights loaded straight into ZeRO-3 shards" if sharded else "")
-    )
+    from finetune.adapters.configs import total_optimizer_steps
+
+    rows = len(train_ds)
+    if recipe.method.kind == "sft" and recipe.method.packing:
+        from trl.data_utils import pack_dataset
+
+        # the same packing SFTTrainer applies (run_sft: packing_strategy bfd)
+        rows = len(pack_dataset(train_ds.select_columns(["input_ids", "labels"]), recipe.training.max_length, "bfd"))
+    return total_optimizer_steps(rows, recipe.training, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _artifact_name(recipe: Recipe) -> str:
@@ -265,15 +288,20 @@ def _save_outputs(
     Every process calls this: under ZeRO-3 or FSDP saving gathers the shards from all of them, and
     only the main process writes (it alone returns the summary).
     """
+    from finetune.adapters.hooks import MUTATING_INITS, save_adapter
+
     out = run_dir / _artifact_name(recipe)
-    peft_config = getattr(trainer.model, "peft_config", {})
-    if len(peft_config) > 1:
+    main = trainer.is_world_process_zero()
+    if len(getattr(trainer.model, "peft_config", {})) > 1:
         # TRL adds a frozen "ref" copy when it continues an adapter; only the trained one is the output.
-        if trainer.is_world_process_zero():
+        if main:
             trainer.model.save_pretrained(out, selected_adapters=["default"])
+    elif getattr(recipe.adapter, "init", None) in MUTATING_INITS:
+        if main:  # PiSSA/OLoRA: converted to a plain LoRA that applies to the original base
+            save_adapter(trainer.model, out, recipe, run_dir)
     else:
         trainer.save_model(str(out))
-    if not trainer.is_world_process_zero():
+    if not main:
         return None
     tokenizer.save_pretrained(out)
     if recipe.method.kind in PREFERENCE_KINDS:

@@ -215,6 +215,24 @@ def make_qa_csv(rng: random.Random, n: int = 80) -> list[dict]:
     return [dict(zip(("question", "answer"), random_qa(rng)[:2], strict=True)) for _ in range(n)]
 
 
+TOOL_CALL, TOOL_CALL_END = "<tool_call>", "</tool_call>"  # not in the builtin vocabulary: recipes add them
+
+
+def make_tool_calls(rng: random.Random, n: int = 120) -> list[dict]:
+    """Chat rows whose answers are tool calls wrapped in new special tokens (recipes/tiny/sft_new_tokens.yaml)."""
+    rows = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            country = rng.choice(sorted(CAPITALS))
+            question, call = f"Look up the capital of {country}.", f'capital("{country}")'
+        else:
+            a, b = rng.choice(TRAIN_SUMS)
+            question, call = f"Use the calculator: what is {a} plus {b}?", f"add({a}, {b})"
+        answer = f"{TOOL_CALL}{call}{TOOL_CALL_END}"
+        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write one compact JSON object per line."""
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -262,6 +280,7 @@ def main() -> None:
     write_json(out / "sample_alpaca.json", make_alpaca(random.Random(SEED + 5)))
     write_text(out / "sample_text.txt", make_text(random.Random(SEED + 6)))
     write_csv(out / "sample_qa.csv", make_qa_csv(random.Random(SEED + 7)))
+    write_jsonl(out / "sample_tool_calls.jsonl", make_tool_calls(random.Random(SEED + 4)))
 
 
 if __name__ == "__main__":

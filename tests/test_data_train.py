@@ -63,10 +63,11 @@ def test_packed_and_unpacked_losses_agree_on_the_same_rows(tmp_path, torch_one_t
     are grouped into batches, which changes batch means but must not change any token's loss.
     """
     torch = torch_one_thread
+    from finetune.adapters.configs import build_peft_config
     from finetune.data.prepare import prepare_datasets, set_chat_template
-    from finetune.model import build_peft_config, load_model, load_tokenizer, resolve_precision
+    from finetune.model import load_model, load_tokenizer, resolve_precision
     from finetune.tiny import resolve_model_path
-    from finetune.train import _trainer_columns, run_sft
+    from finetune.train import run_sft
 
     def loss_sum(packing: bool):
         overrides = ["data.train.0.max_rows=24", f"method.packing={packing}", "training.max_length=128"]
@@ -74,10 +75,11 @@ def test_packed_and_unpacked_losses_agree_on_the_same_rows(tmp_path, torch_one_t
         path = resolve_model_path(recipe.model.path)
         tokenizer = load_tokenizer(path, recipe.model)
         set_chat_template(recipe, tokenizer)
-        rows = _trainer_columns(recipe, prepare_datasets(recipe, tokenizer, lambda _: None)[0])
+        rows = prepare_datasets(recipe, tokenizer, lambda _: None)[0].select_columns(["input_ids", "labels"])
         precision = resolve_precision(recipe)
         model = load_model(path, recipe, precision)
-        trainer = run_sft(recipe, model, tokenizer, rows, None, build_peft_config(recipe), precision, tmp_path)
+        peft_config = build_peft_config(recipe, model_path=path, hidden_size=None, total_steps=None)
+        trainer = run_sft(recipe, model, tokenizer, rows, None, peft_config, precision, tmp_path)
         total, tokens, sequences = 0.0, 0, 0
         model = trainer.model.eval()
         for batch in trainer.get_train_dataloader():

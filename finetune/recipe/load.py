@@ -291,6 +291,12 @@ def _is_member_name(part: str) -> bool:
         "full",
         "lora",
         "qlora",
+        "adalora",
+        "ia3",
+        "prompt_tuning",
+        "prefix_tuning",
+        "string",  # shape tags of module selections (schema._shape)
+        "mapping",
     }
 
 

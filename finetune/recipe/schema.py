@@ -5,12 +5,15 @@ Cross-field rules live on the section they guard and raise; they never rewrite a
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
 from finetune.recipe.preference import PREFERENCE_KINDS, DPOMethod, KTOMethod, ORPOMethod, preference_rules
 from finetune.recipe.section import PositiveInt, RuleViolations, Section, check_rules
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 __all__ = ["Recipe", "RuleViolations", "Section", "check_rules", "DPOMethod", "KTOMethod", "ORPOMethod"]
 
@@ -45,6 +48,18 @@ class ModelSection(Section):
         description="Also load weights stored as pickle files (.bin/.pt), which can run code when loaded. "
         "By default only safetensors weights are loaded.",
     )
+    add_special_tokens: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="Special tokens to add to the tokenizer (e.g. ['<tool_call>', '</tool_call>']). The embeddings "
+        "grow to fit; their new rows must be trained: list embed_tokens and lm_head in adapter.modules_to_save "
+        "(or use adapter.kind: full). The tokenizer is saved with them.",
+    )
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> ModelSection:
+        repeated = sorted({t for t in self.add_special_tokens if self.add_special_tokens.count(t) > 1})
+        check_rules([(bool(repeated), "add_special_tokens", f"lists {repeated} more than once")])
+        return self
 
 
 # Fields of each row format that `columns` may rename; the optional ones may be absent from a row.
@@ -201,27 +216,185 @@ class SFTMethod(Section):
 Method = Annotated[SFTMethod | DPOMethod | ORPOMethod | KTOMethod, Field(discriminator="kind")]
 
 
-class LoraFields(Section):
-    r: PositiveInt = Field(16, description="LoRA rank.")
-    alpha: float = Field(
-        32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or / sqrt(r) with rslora)."
+class TargetRegex(Section):
+    regex: str = Field(
+        min_length=1,
+        description="Regular expression matched against whole module names (re.fullmatch), e.g. "
+        "'model\\.layers\\.[0-3]\\.self_attn\\.[qv]_proj'.",
     )
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Literal["all-linear"] | list[str] = Field(
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"does not compile as a regular expression: {exc}") from None
+        return value
+
+
+class LayerRange(Section):
+    first: NonNegativeInt = Field(description="First decoder layer to adapt (0-based).")
+    last: NonNegativeInt = Field(description="Last decoder layer to adapt (inclusive).")
+
+    @model_validator(mode="after")
+    def _check_order(self) -> LayerRange:
+        check_rules([(self.last < self.first, "last", f"is {self.last}, before first ({self.first})")])
+        return self
+
+    @property
+    def indices(self) -> list[int]:
+        return list(range(self.first, self.last + 1))
+
+
+ModuleNames = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+
+
+def _shape(value) -> str:
+    # Pick the union member by the value's shape, so a mistake gets that member's message alone.
+    if isinstance(value, dict | BaseModel):
+        return "mapping"
+    return "string" if isinstance(value, str) else "list"
+
+
+Targets = Annotated[
+    Annotated[Literal["all-linear"], Tag("string")]
+    | Annotated[ModuleNames, Tag("list")]
+    | Annotated[TargetRegex, Tag("mapping")],
+    Discriminator(_shape),
+]
+Trainable = Annotated[
+    Annotated[ModuleNames, Tag("list")] | Annotated[TargetRegex, Tag("mapping")], Discriminator(_shape)
+]
+Layers = Annotated[
+    Annotated[list[NonNegativeInt], Tag("list")] | Annotated[LayerRange, Tag("mapping")], Discriminator(_shape)
+]
+
+
+def check_target_string(value, *, all_linear: bool = True):
+    """A bare string other than 'all-linear' is a common slip for a one-name list; say so."""
+    choices = ("'all-linear', " if all_linear else "") + "a list of module names or {regex: PATTERN}"
+    if isinstance(value, str) and not (all_linear and value == "all-linear"):
+        raise ValueError(f"expected {choices}; write [{value}] for one module name")
+    if not isinstance(value, str | list | dict | BaseModel):
+        raise ValueError(f"expected {choices}")
+    return value
+
+
+class TargetFields(Section):
+    target_modules: Targets = Field(
         "all-linear",
-        description="Modules to adapt: 'all-linear' or a list of module names (e.g. [q_proj, v_proj]).",
+        description="Modules to adapt: 'all-linear' (every linear layer but the output head), a list of names "
+        "(a name matches a module whose full name is it or ends in '.name', e.g. [q_proj, v_proj] or "
+        "[layers.0.mlp.down_proj]), or {regex: PATTERN} matched against whole module names. Names that match "
+        "nothing in the model stop the run before training.",
     )
+    modules_to_save: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="Modules trained in full next to the adapter and saved with it (e.g. [embed_tokens, lm_head] "
+        "when model.add_special_tokens adds tokens).",
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _check_string(cls, value):
+        return check_target_string(value)
+
+
+class LayerFields(Section):
+    layers: Layers | None = Field(
+        None,
+        description="Adapt the target modules of these decoder layers only: a list of 0-based indices "
+        "([0, 1, 31]) or an inclusive range ({first: 0, last: 15}). Default: every layer.",
+    )
+
+    @property
+    def layer_indices(self) -> list[int] | None:
+        return self.layers.indices if isinstance(self.layers, LayerRange) else self.layers
+
+    def _layer_rules(self) -> list[tuple[bool, str, str]]:
+        return [
+            (
+                self.layers is not None and isinstance(self.target_modules, TargetRegex),
+                "layers",
+                "cannot narrow a regex target; put the layer indices into adapter.target_modules.regex",
+            ),
+            (
+                self.layers is not None and self.target_modules == "all-linear",
+                "layers",
+                "cannot narrow 'all-linear' (PEFT refuses layer indices with it); list the module names in "
+                "adapter.target_modules instead, e.g. [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",
+            ),
+        ]
+
+
+LoraInit = Literal["default", "gaussian", "pissa", "pissa_fast", "olora", "loftq"]
+# Inits that rewrite the base weights; the saved adapter is converted back to plain LoRA on the original base.
+MUTATING_INITS = ("pissa", "pissa_fast", "olora")
+
+
+class LoraFields(LayerFields, TargetFields):
+    r: PositiveInt = Field(16, le=4096, description="LoRA rank (1-4096).")
+    alpha: float = Field(
+        32, gt=0, le=65536, description="LoRA scaling numerator (scale = alpha / r, or / sqrt(r) with rslora)."
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
-    modules_to_save: list[str] = Field(
-        default_factory=list,
-        description="Modules trained in full next to the adapter and saved with it "
-        "(e.g. [lm_head, embed_tokens] when new tokens are added).",
+    init: LoraInit = Field(
+        "default",
+        description="Initial adapter weights: 'default' (A random, B zero: starts as the base), 'gaussian', "
+        "'pissa' (principal singular vectors of each weight; SVD), 'pissa_fast' (randomised SVD, 16 iterations: "
+        "minutes faster on large models), 'olora' (QR of each weight), 'loftq' (qlora only: starts from the "
+        "4-bit quantisation error). PiSSA/OLoRA adapters are saved converted to plain LoRA on the original base.",
     )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="LoRA+: train the B matrices at this multiple of training.learning_rate (1-1024; the paper "
+        "uses 16). Default: off.",
+    )
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> LoraFields:
+        check_rules(
+            self._layer_rules()
+            + [
+                (
+                    self.init in MUTATING_INITS and self.use_dora,
+                    "init",
+                    f"'{self.init}' cannot be combined with use_dora (its adapter cannot be converted back to the "
+                    "original base); use init: default with DoRA",
+                ),
+                (
+                    self.init in MUTATING_INITS and self.kind == "qlora",
+                    "init",
+                    f"'{self.init}' rewrites the base weights, which a 4-bit base cannot hold exactly; use kind: "
+                    "lora for PiSSA/OLoRA, or init: loftq to start QLoRA from the quantisation error",
+                ),
+                (
+                    self.init == "loftq" and self.kind != "qlora",
+                    "init",
+                    "'loftq' initialises the adapter from the 4-bit quantisation error, so it needs kind: qlora",
+                ),
+            ]
+        )
+        return self
 
 
 class FullAdapter(Section):
-    kind: Literal["full"] = Field(description="Train every weight of the model; no adapter.")
+    kind: Literal["full"] = Field(description="Train the weights of the model itself; no adapter.")
+    trainable_modules: Trainable | None = Field(
+        None,
+        description="Train only these modules (and everything inside them) and freeze the rest: names matched as "
+        "in target_modules (e.g. [embed_tokens, lm_head, layers.31]) or {regex: PATTERN}. Default: every weight.",
+    )
+
+    @field_validator("trainable_modules", mode="before")
+    @classmethod
+    def _check_string(cls, value):
+        return None if value is None else check_target_string(value, all_linear=False)
 
 
 class LoraAdapter(LoraFields):
@@ -241,6 +414,140 @@ class QLoraAdapter(LoraFields):
     )
 
 
+class AdaLoraAdapter(LayerFields, TargetFields):
+    kind: Literal["adalora"] = Field(
+        description="AdaLoRA: SVD-shaped LoRA that moves rank between modules during training, by importance."
+    )
+    init_r: PositiveInt = Field(12, le=4096, description="Rank of every module at the start (1-4096).")
+    target_r: PositiveInt = Field(8, le=4096, description="Average rank left per module at the end (<= init_r).")
+    alpha: float = Field(16, gt=0, le=65536, description="Scaling numerator (as LoRA's alpha).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input, in [0, 1).")
+    rank_warmup_ratio: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Fraction of the run's total optimizer steps trained at init_r before ranks are pruned "
+        "(PEFT's tinit, computed from the real step count).",
+    )
+    rank_final_ratio: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="Fraction of the total steps at the end trained with the final ranks fixed (PEFT's tfinal; "
+        "at least one step).",
+    )
+    rank_update_interval: PositiveInt = Field(
+        1, le=10000, description="Re-allocate ranks every N optimizer steps during pruning (PEFT's deltaT)."
+    )
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the importance (sensitivity) scores.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of the importance uncertainty.")
+    orth_reg_weight: float = Field(
+        0.5, ge=0, le=100, description="Weight of the penalty keeping the singular vectors orthogonal."
+    )
+
+    @model_validator(mode="after")
+    def _check_adalora(self) -> AdaLoraAdapter:
+        check_rules(
+            self._layer_rules()
+            + [
+                (self.target_r > self.init_r, "target_r", f"is {self.target_r}, above init_r ({self.init_r})"),
+                (
+                    self.rank_warmup_ratio + self.rank_final_ratio >= 1,
+                    "rank_final_ratio",
+                    f"rank_warmup_ratio + rank_final_ratio is {self.rank_warmup_ratio + self.rank_final_ratio:g}; "
+                    "it must stay below 1 to leave steps for pruning the ranks",
+                ),
+            ]
+        )
+        return self
+
+
+class IA3Adapter(TargetFields):
+    kind: Literal["ia3"] = Field(
+        description="IA³: learned scaling vectors on the target modules (far fewer parameters than LoRA)."
+    )
+    target_modules: Targets = Field(
+        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+        description="Modules whose activations are rescaled: 'all-linear', a list of names, or {regex: PATTERN} "
+        "(default: the IA³ paper's keys, values and MLP output, as named in Llama/Qwen/Mistral models).",
+    )
+    feedforward_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["down_proj"],
+        description="Target modules whose input (not output) is scaled, as in the paper's MLP; each must also "
+        "be a target module.",
+    )
+
+    @model_validator(mode="after")
+    def _check_ia3(self) -> IA3Adapter:
+        names = self.target_modules if isinstance(self.target_modules, list) else None
+        outside = [m for m in self.feedforward_modules if names is not None and m not in names]
+        check_rules(
+            [
+                (
+                    bool(outside),
+                    "feedforward_modules",
+                    f"{outside} are not in adapter.target_modules; every feedforward module must be a target",
+                )
+            ]
+        )
+        return self
+
+
+class PromptTuningAdapter(Section):
+    kind: Literal["prompt_tuning"] = Field(
+        description="Prompt tuning: trained virtual-token embeddings put before every input; the model is frozen."
+    )
+    num_virtual_tokens: PositiveInt = Field(20, le=1024, description="Virtual tokens prepended (1-1024).")
+    init: Literal["random", "text"] = Field(
+        "random", description="Start the virtual tokens from random embeddings or from the embeddings of init_text."
+    )
+    init_text: str | None = Field(
+        None, min_length=1, description="Text whose token embeddings start the virtual tokens (init: text)."
+    )
+
+    @model_validator(mode="after")
+    def _check_init(self) -> PromptTuningAdapter:
+        check_rules(
+            [
+                (self.init == "text" and not self.init_text, "init_text", "is required with init: text"),
+                (
+                    self.init == "random" and self.init_text is not None,
+                    "init_text",
+                    "is only used with init: text; set init: text or remove init_text",
+                ),
+            ]
+        )
+        return self
+
+
+class PrefixTuningAdapter(Section):
+    kind: Literal["prefix_tuning"] = Field(
+        description="Prefix tuning: trained key/value prefixes in every attention layer; the model is frozen."
+    )
+    num_virtual_tokens: PositiveInt = Field(20, le=1024, description="Prefix length in tokens (1-1024).")
+    prefix_projection: bool = Field(
+        False, description="Produce the prefixes through a two-layer MLP (more parameters, often steadier)."
+    )
+    projection_hidden_size: PositiveInt | None = Field(
+        None,
+        le=65536,
+        description="Hidden size of that MLP (default: the model's hidden size). Needs prefix_projection.",
+    )
+
+    @model_validator(mode="after")
+    def _check_projection(self) -> PrefixTuningAdapter:
+        check_rules(
+            [
+                (
+                    self.projection_hidden_size is not None and not self.prefix_projection,
+                    "projection_hidden_size",
+                    "is only used with prefix_projection: true",
+                )
+            ]
+        )
+        return self
+
+
 def _adapter_kind(value) -> str | None:
     # `adapter: {r: 8}` means LoRA, the section's default, rather than "kind is missing"
     if isinstance(value, dict):
@@ -251,10 +558,15 @@ def _adapter_kind(value) -> str | None:
 Adapter = Annotated[
     Annotated[FullAdapter, Tag("full")]
     | Annotated[LoraAdapter, Tag("lora")]
-    | Annotated[QLoraAdapter, Tag("qlora")],
+    | Annotated[QLoraAdapter, Tag("qlora")]
+    | Annotated[AdaLoraAdapter, Tag("adalora")]
+    | Annotated[IA3Adapter, Tag("ia3")]
+    | Annotated[PromptTuningAdapter, Tag("prompt_tuning")]
+    | Annotated[PrefixTuningAdapter, Tag("prefix_tuning")],
     Discriminator(_adapter_kind),
 ]
-
+# Kinds whose adapter can be folded into the base weights (prompt/prefix tuning add inputs, not weights).
+MERGEABLE_KINDS = ("lora", "qlora", "adalora", "ia3")
 
 class TrainingSection(Section):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -468,7 +780,8 @@ class Recipe(Section):
     data: DataSection = Field(description="Training and evaluation data.")
     method: Method = Field(description="Training objective: sft, or a preference method: dpo, orpo or kto.")
     adapter: Adapter = Field(
-        default_factory=lambda: LoraAdapter(kind="lora"), description="What is trained: full, lora or qlora."
+        default_factory=lambda: LoraAdapter(kind="lora"),
+        description="What is trained: full, lora, qlora, adalora, ia3, prompt_tuning or prefix_tuning.",
     )
     training: TrainingSection = Field(default_factory=TrainingSection, description="Optimisation settings.")
     distributed: DistributedSection = Field(
@@ -499,6 +812,7 @@ class Recipe(Section):
         ]
         if kind in PREFERENCE_KINDS:
             rules += preference_rules(self)
+        rules += _adapter_rules(self)
         rules.append(
             (
                 bool(self.training.eval_steps) and not self.data.eval and self.data.eval_fraction is None,
@@ -517,3 +831,23 @@ class Recipe(Section):
         )
         check_rules(rules)
         return self
+
+
+def _adapter_rules(recipe: Recipe) -> list[tuple[bool, str, str]]:
+    """Rules between the adapter and other sections (each adapter kind checks its own fields)."""
+    kind = recipe.adapter.kind
+    prompt_learning = kind in ("prompt_tuning", "prefix_tuning")
+    return [
+        (
+            kind == "prefix_tuning" and recipe.training.gradient_checkpointing,
+            "training.gradient_checkpointing",
+            "cannot be used with adapter.kind: prefix_tuning (the recomputed attention sees the prefix cache "
+            "twice and fails); set it to false",
+        ),
+        (
+            prompt_learning and bool(recipe.model.add_special_tokens),
+            "model.add_special_tokens",
+            f"adds tokens whose embeddings must be trained, but adapter.kind: {kind} freezes every model weight; "
+            "use kind: lora with modules_to_save: [embed_tokens, lm_head], or kind: full",
+        ),
+    ]
