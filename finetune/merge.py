@@ -116,7 +116,8 @@ def run_merge(
     )
     fit_embeddings(base, tokenizer)  # tokens added in training: the adapter holds rows the base lacks
     model = PeftModel.from_pretrained(base, found.adapter_dir).eval()
-    inputs = _verify_inputs(tokenizer)
+    prompts = verify_prompts(found.run_dir, log)
+    inputs = _verify_inputs(tokenizer, prompts)
     reference = _logits(model, inputs)
     reference_text = _greedy(model, tokenizer, inputs)
 
@@ -141,7 +142,7 @@ def run_merge(
         "max_abs_logit_diff": float(diff.max()),
         "mean_abs_logit_diff": float(diff.mean()),
         "greedy_generations_agree": merged_text == reference_text,
-        "prompts": VERIFY_PROMPTS,
+        "prompts": prompts,
         "merged_generations": merged_text,
         "weight_files": sorted(p.name for p in out.glob("*.safetensors")),
     }
@@ -158,7 +159,7 @@ def run_merge(
         f"{report['max_abs_logit_diff']:.2e}, mean {report['mean_abs_logit_diff']:.2e}; "
         f"greedy generations agree: {report['greedy_generations_agree']}"
     )
-    for prompt, answer in zip(VERIFY_PROMPTS, merged_text, strict=True):
+    for prompt, answer in zip(prompts, merged_text, strict=True):
         log(f"  {prompt!r} -> {answer!r}")
     return out
 
@@ -176,12 +177,34 @@ def _name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _verify_inputs(tokenizer):
+def verify_prompts(run_dir: Path | None, log, limit: int = 4) -> list[str]:
+    """The first user turns of the run's eval data (messages rows), else a fixed set of prompts."""
+    if run_dir is None:
+        return VERIFY_PROMPTS
+    from finetune.data.sources import read_rows
+    from finetune.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")))
+    prompts: list[str] = []
+    for i, spec in enumerate(s for s in recipe.data.eval if s.format == "messages"):
+        try:
+            rows = read_rows(spec, f"data.eval[{i}]")
+        except UserError as exc:  # eval data moved since training: still merge, on the fixed prompts
+            log(f"note: verifying on fixed prompts, the run's eval data cannot be read: {exc}")
+            return VERIFY_PROMPTS
+        for row in rows:
+            user = next((m.get("content") for m in row.data.get("messages") or [] if m.get("role") == "user"), None)
+            if isinstance(user, str) and user.strip() and len(prompts) < limit:
+                prompts.append(user)
+    return prompts or VERIFY_PROMPTS
+
+
+def _verify_inputs(tokenizer, prompts: list[str]):
     texts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
         )
-        for p in VERIFY_PROMPTS
+        for p in prompts
     ]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched generation pads on the left
     try:

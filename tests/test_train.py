@@ -195,3 +195,21 @@ def test_bad_data_line_is_reported_before_the_model_loads(tmp_path):
     result = run_cli("train", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{data}:57: malformed JSON" in result.stderr
+
+
+def test_merge_verifies_on_the_runs_eval_prompts(tmp_path):
+    import json as _json
+
+    from finetune.merge import VERIFY_PROMPTS, verify_prompts
+    from finetune.recipe import load_recipe as _load
+    from finetune.tiny import resolve_data_path
+
+    path = make_recipe(tmp_path, "withevals", data={"eval": [{"path": "builtin:sample_eval_chat.jsonl"}]})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(_load(path).recipe.model_dump(mode="json")))
+    text = Path(resolve_data_path("builtin:sample_eval_chat.jsonl")).read_text()
+    rows = [_json.loads(line) for line in text.splitlines()]
+    expected = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in rows][:4]
+    assert verify_prompts(run_dir, log=lambda _: None) == expected
+    assert verify_prompts(None, log=lambda _: None) == VERIFY_PROMPTS
