@@ -139,6 +139,7 @@ def _training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> 
         "fp16": precision.fp16,
         "use_cpu": precision.device == "cpu",
         "activation_checkpointing": t.gradient_checkpointing,
+        "torch_compile": t.compile,
         "optim": t.optimizer,
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
@@ -173,15 +174,16 @@ def _quiet_default_printer(trainer) -> None:
 
 def run_sft(recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir):
     """Build TRL's SFTTrainer on our pre-tokenised input_ids/labels (TRL keeps our labels as they are)."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from finetune.sft_options import resolve_lm_head, sft_config_kwargs
+    from finetune.sft_trainer import FastSFTTrainer
 
     args = SFTConfig(
-        **_training_args(recipe, precision, run_dir, eval_ds is not None),
-        packing=recipe.method.packing,
-        packing_strategy="bfd",
+        **{**_training_args(recipe, precision, run_dir, eval_ds is not None), **sft_config_kwargs(recipe)},
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(
+    trainer = FastSFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -189,6 +191,8 @@ def run_sft(recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=_callbacks(run_dir),
+        lm_head=resolve_lm_head(recipe, precision.device),
+        token_metrics=recipe.training.token_metrics,
     )
     _quiet_default_printer(trainer)
     return trainer
