@@ -90,6 +90,7 @@ def train(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Allow writing into an existing, non-empty run dir."
     ),
+    force: bool = typer.Option(False, "--force", help="Train even if the memory plan says it will not fit."),
 ) -> None:
     """Train a model as the recipe says (SFT or DPO; LoRA, QLoRA or full)."""
     from finetune.recipe import load_recipe
@@ -97,7 +98,31 @@ def train(
     loaded = load_recipe(recipe, overrides)
     from finetune.train import run_training
 
-    run_training(loaded, overwrite=overwrite)
+    run_training(loaded, overwrite=overwrite, force=force)
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    gpu_memory: str | None = typer.Option(
+        None, "--gpu-memory", help="Plan for a GPU of this size (e.g. 24GiB, 80GB); default: this machine."
+    ),
+    processes: int | None = typer.Option(None, "--processes", min=1, help="Data-parallel processes."),
+    zero_stage: int | None = typer.Option(
+        None, "--zero-stage", min=0, max=3, help="Shard optimizer (1), + gradients (2), + weights (3, or FSDP)."
+    ),
+) -> None:
+    """Estimate peak memory per process from the model's config alone (no weights), and whether it fits."""
+    from finetune.plan import plan_report
+    from finetune.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    text, fits = plan_report(loaded.recipe, str(recipe), gpu_memory=gpu_memory, processes=processes,
+                             zero_stage=zero_stage)
+    typer.echo(text)
+    if fits is False:
+        raise typer.Exit(1)
 
 
 @app.command()

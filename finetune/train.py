@@ -9,25 +9,27 @@ from typing import Any
 
 from finetune.errors import UserError
 from finetune.logs import quiet_libraries, stderr
+from finetune.plan import check_memory, peak_memory
 from finetune.recipe import LoadedRecipe, Recipe
 from finetune.recipe.dump import write_recipe
 
 
-def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, log=None) -> Path:
+def run_training(loaded: LoadedRecipe, *, overwrite: bool = False, force: bool = False, log=None) -> Path:
     """Run a validated recipe end to end and return the run directory."""
     log = log or stderr
     recipe = loaded.recipe
     _preflight(recipe)
     quiet_libraries()
-    run_dir = claim_run_dir(Path(recipe.run_dir), overwrite=overwrite)
-    write_recipe(recipe, run_dir / "recipe.yaml")
-    log(f"run directory: {run_dir}  (resolved recipe in {run_dir / 'recipe.yaml'})")
-
     from finetune.model import build_peft_config, load_model, load_tokenizer, resolve_precision
     from finetune.tiny import resolve_model_path
 
     precision = resolve_precision(recipe)
     model_path = resolve_model_path(recipe.model.path)
+    check_memory(recipe, model_path, precision.device, force=force, log=log)
+    run_dir = claim_run_dir(Path(recipe.run_dir), overwrite=overwrite)
+    write_recipe(recipe, run_dir / "recipe.yaml")
+    log(f"run directory: {run_dir}  (resolved recipe in {run_dir / 'recipe.yaml'})")
+
     tokenizer = load_tokenizer(model_path, recipe.model)
     from finetune.data.templates import resolve_chat_template
 
@@ -240,5 +242,6 @@ def _save_outputs(recipe, trainer, tokenizer, run_dir: Path, metrics: dict, seco
     out = run_dir / _artifact_name(recipe)
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    summary = {"train_seconds": round(seconds, 2), "global_step": trainer.state.global_step, **metrics}
+    summary = {"train_seconds": round(seconds, 2), "global_step": trainer.state.global_step, **metrics,
+               **peak_memory()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -61,7 +61,7 @@ DEFAULT_VARIANTS = {
     "ft: padded batches": ["--set", "training.batching=padded"],
     "ft: packed (bfd)": ["--set", "training.batching=packed"],
     "ft: gradient checkpointing": ["--set", "training.gradient_checkpointing=true"],
-    "ft: adamw_torch_fused": ["--set", "training.optimizer=adamw_torch_fused"],
+    "ft: adamw_torch (not fused)": ["--set", "training.optimizer=adamw_torch"],
     "ft: torch.compile": ["--set", "training.compile=true"],
 }
 BASELINES = {"trl": ["--checkpointing", "default"], "trl: no checkpointing": ["--checkpointing", "off"]}

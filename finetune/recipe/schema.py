@@ -213,7 +213,9 @@ class TrainingSection(Section):
         "long GPU runs.",
     )
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = Field(
-        "adamw_torch", description="Optimizer (adamw_8bit needs bitsandbytes)."
+        "adamw_torch_fused",
+        description="Optimizer. adamw_torch_fused updates all parameters in one kernel (transformers' default; "
+        "same result as adamw_torch to float rounding, ~4x faster on a CPU); adamw_8bit needs bitsandbytes.",
     )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
