@@ -264,10 +264,14 @@ def estimate(recipe: Recipe, shape: ModelShape, *, device: str, sharding: Shardi
         layer = weights / shape.layers / n * (n - 1)
         parts.append(Part("gathered layers", 2 * layer, "ZeRO-3/FSDP: two layers' full weights gathered at once"))
 
-    parts.append(Part("activations", _activations(shape, recipe, batch, a, ckpt, lora),
-                      f"{batch} × {t.max_length} tokens × {shape.layers} layers, "
+    dpo = recipe.method.kind == "dpo"
+    if dpo and lora is None:
+        parts.append(Part("reference model", weights / shard["weights"], "DPO without an adapter keeps a frozen copy"))
+    rows = 2 * batch if dpo else batch  # DPO runs chosen and rejected together
+    parts.append(Part("activations", _activations(shape, recipe, rows, a, ckpt, lora),
+                      f"{rows} × {t.max_length} tokens × {shape.layers} layers, "
                       f"{'with' if ckpt else 'without'} gradient checkpointing, {compute}"))
-    head, how = _loss_head(shape, recipe, batch, a, device)
+    head, how = _loss_head(shape, recipe, rows, a, device)
     parts.append(Part("LM head and loss", head, how))
     return Estimate(parts, device, batch, t.max_length, ckpt, notes)
 
@@ -326,8 +330,6 @@ def _loss_head(shape: ModelShape, recipe: Recipe, batch: int, a: int, device: st
         tiles = a if device == "cuda" else 4 * 4  # Triton folds one tile; the CPU path keeps ~4 fp32 copies
         return rows * cols * tiles + tokens * shape.hidden * 4, "TRL's chunked head: vocabulary tiles, no logits"
     per_logit = a + 12 if a == 2 else 12  # logits, fp32 copy, log-softmax, its gradient
-    if recipe.method.kind == "dpo":
-        tokens *= 2  # chosen and rejected
     return tokens * shape.vocab * per_logit, f"{_count(tokens * shape.vocab)} logits ({tokens} tokens × {shape.vocab})"
 
 

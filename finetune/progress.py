@@ -81,6 +81,7 @@ class MetricsLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
+                  "cpu_seconds": time.process_time(), **logs}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

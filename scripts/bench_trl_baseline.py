@@ -76,7 +76,8 @@ def main() -> None:
     class StepLog(TrainerCallback):
         def on_log(self, args_, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                record = {"step": state.global_step, "time": time.time(), **logs, **counted}
+                record = {"step": state.global_step, "time": time.time(), "cpu_seconds": time.process_time(),
+                          **logs, **counted}
                 with (out / "metrics.jsonl").open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
 
