@@ -24,7 +24,6 @@ from finetune.sft_options import resolve_batching, resolve_lm_head
 GiB = 2**30
 CUDA_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspaces, allocator slack: outside max_memory_allocated
 CPU_RUNTIME = 1.5 * GiB  # Python with torch, transformers, peft and trl imported (measured RSS, docs/memory.md)
-ACTIVATION_CALIBRATION = 1.0  # measured/estimated activations on the CPU; see docs/memory.md
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -216,17 +215,27 @@ def estimate(recipe: Recipe, shape: ModelShape, *, device: str, sharding: Shardi
     batch = micro_batch or t.micro_batch_size
     ckpt = t.gradient_checkpointing if checkpointing is None else checkpointing
     compute = _compute_dtype(recipe, device)
-    load = _load_dtype(recipe, compute)
     a = DTYPE_BYTES[compute]
-    adapter = recipe.adapter
-    lora = adapter if isinstance(adapter, LoraFields) else None
-    qlora = adapter.kind == "qlora"
+    lora = recipe.adapter if isinstance(recipe.adapter, LoraFields) else None
+    parts, notes = _state_parts(recipe, shape, sharding, _load_dtype(recipe, compute), notes=[])
+
+    rows = 2 * batch if recipe.method.kind == "dpo" else batch  # DPO runs chosen and rejected together
+    parts.append(Part("activations", _activations(shape, recipe, rows, a, ckpt, lora),
+                      f"{rows} × {t.max_length} tokens × {shape.layers} layers, "
+                      f"{'with' if ckpt else 'without'} gradient checkpointing, {compute}"))
+    head, how = _loss_head(shape, recipe, rows, a, device)
+    parts.append(Part("LM head and loss", head, how))
+    return Estimate(parts, device, batch, t.max_length, ckpt, notes)
+
+
+def _state_parts(recipe: Recipe, shape: ModelShape, sharding: Sharding, load: str, notes: list[str]):
+    """Weights, trainable parameters, gradients and optimizer states, sharded as the processes split them."""
     n = sharding.processes
     shard = {k: (n if sharding.zero_stage >= s else 1) for k, s in (("optim", 1), ("grads", 2), ("weights", 3))}
-    parts, notes = [], []
-
-    # Weights: 4-bit linears take 0.5 byte plus block constants (fp32 per 64, or 8-bit per 64 + fp32 per 16k).
-    if qlora:
+    adapter = recipe.adapter
+    lora = adapter if isinstance(adapter, LoraFields) else None
+    if adapter.kind == "qlora":
+        # 4-bit linears: 0.5 byte plus block constants (fp32 per 64, or 8-bit per 64 + fp32 per 16,384).
         per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if adapter.double_quant else 4 / 64)
         weights = shape.linear_params * per_param + shape.embedding_params * DTYPE_BYTES[load]
         how = (f"{_count(shape.linear_params)} linear in 4-bit {adapter.quant_type} + "
@@ -234,46 +243,43 @@ def estimate(recipe: Recipe, shape: ModelShape, *, device: str, sharding: Shardi
     else:
         weights = shape.params * DTYPE_BYTES[load]
         how = f"{_count(shape.params)} parameters in {load}"
-    parts.append(Part("weights", weights / shard["weights"], how + _sharded(shard["weights"])))
+    parts = [Part("weights", weights / shard["weights"], how + _sharded(shard["weights"]))]
 
-    # Trainable parameters: LoRA in fp32 (PEFT upcasts adapters of a bf16 base), bf16 for QLoRA (TRL casts them).
     if lora is None:
         trainable, train_dtype = shape.params, load
     else:
-        targets, unknown = _lora_targets(shape, lora)
-        trainable = sum(lora.r * (i + o) + (o if lora.use_dora else 0) for i, o in targets) * shape.layers
+        trainable, unknown = _lora_params(shape, lora)
         if unknown:
             notes.append(f"adapter.target_modules {unknown} are not Llama-style linear names; not counted")
-        saved = sum(shape.vocab * shape.hidden for m in lora.modules_to_save if m in ("lm_head", "embed_tokens"))
-        trainable += saved
-        train_dtype = "bfloat16" if qlora else "float32"
-        tb = DTYPE_BYTES[train_dtype]
+        # PEFT upcasts the adapters of a 16-bit base to fp32; TRL casts QLoRA adapters to bf16.
+        train_dtype = "bfloat16" if adapter.kind == "qlora" else "float32"
+    tb = DTYPE_BYTES[train_dtype]
+    if lora is not None:
         parts.append(Part("adapter", trainable * tb / shard["weights"],
                           f"{_count(trainable)} trainable in {train_dtype} (r={lora.r})" + _sharded(shard["weights"])))
-    tb = DTYPE_BYTES[train_dtype]
     parts.append(Part("gradients", trainable * tb / shard["grads"],
                       f"one per trainable parameter, {train_dtype}" + _sharded(shard["grads"])))
     if n > 1 and sharding.zero_stage == 0:
         parts.append(Part("DDP buckets", trainable * tb, "DDP's gradient buckets, a second copy of the gradients"))
     states, state_bytes = {"adamw_torch": (2, tb), "adamw_torch_fused": (2, tb), "adamw_8bit": (2, 1),
-                           "sgd": (0, 0)}[t.optimizer]
+                           "sgd": (0, 0)}[recipe.training.optimizer]
     parts.append(Part("optimizer", trainable * states * state_bytes / shard["optim"],
-                      f"{t.optimizer}: {states} state(s) of {state_bytes} byte(s) per trainable parameter"
-                      + _sharded(shard["optim"])))
+                      f"{recipe.training.optimizer}: {states} state(s) of {state_bytes} byte(s) per trainable "
+                      "parameter" + _sharded(shard["optim"])))
     if sharding.zero_stage == 3 and n > 1:
         layer = weights / shape.layers / n * (n - 1)
         parts.append(Part("gathered layers", 2 * layer, "ZeRO-3/FSDP: two layers' full weights gathered at once"))
-
-    dpo = recipe.method.kind == "dpo"
-    if dpo and lora is None:
+    if recipe.method.kind == "dpo" and lora is None:
         parts.append(Part("reference model", weights / shard["weights"], "DPO without an adapter keeps a frozen copy"))
-    rows = 2 * batch if dpo else batch  # DPO runs chosen and rejected together
-    parts.append(Part("activations", _activations(shape, recipe, rows, a, ckpt, lora),
-                      f"{rows} × {t.max_length} tokens × {shape.layers} layers, "
-                      f"{'with' if ckpt else 'without'} gradient checkpointing, {compute}"))
-    head, how = _loss_head(shape, recipe, rows, a, device)
-    parts.append(Part("LM head and loss", head, how))
-    return Estimate(parts, device, batch, t.max_length, ckpt, notes)
+    return parts, notes
+
+
+def _lora_params(shape: ModelShape, lora: LoraFields) -> tuple[int, list[str]]:
+    """Trainable parameters of the adapter (and modules_to_save), and target names this model does not know."""
+    targets, unknown = _lora_targets(shape, lora)
+    count = sum(lora.r * (i + o) + (o if lora.use_dora else 0) for i, o in targets) * shape.layers
+    count += sum(shape.vocab * shape.hidden for m in lora.modules_to_save if m in ("lm_head", "embed_tokens"))
+    return count, unknown
 
 
 def _compute_dtype(recipe: Recipe, device: str) -> str:
@@ -308,7 +314,6 @@ def _activations(shape: ModelShape, recipe: Recipe, batch: int, a: int, ckpt: bo
         per_layer += a * lora.r * len(targets)  # each lora_A output
         if lora.dropout > 0:  # dropout gives every adapted layer its own copy of the input, and a mask
             per_layer += (a + 1) * sum(i_ for i_, _ in targets)
-    per_layer *= ACTIVATION_CALIBRATION
     saved = layers * tokens * (a * h if ckpt else per_layer)
     if ckpt:
         saved += tokens * per_layer  # the layer being recomputed
@@ -400,7 +405,7 @@ def render(recipe_name: str, shape: ModelShape, est: Estimate, *, budget: float 
     lines += [f"| {p.name} | {gib(p.bytes)} | {p.how} |" for p in est.parts]
     lines.append(f"| **total** | **{gib(est.total)}** | peak estimate |")
     other = "with" if alt.checkpointing else "without"
-    activations = gib(alt.parts[-2].bytes)
+    activations = gib(next(p.bytes for p in alt.parts if p.name == "activations"))
     lines.append(f"| (total {other} gradient checkpointing) | {gib(alt.total)} | activations {activations} |")
     lines.append("")
     lines += [f"note: {n}" for n in est.notes]
