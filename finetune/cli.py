@@ -104,6 +104,9 @@ def train(
     force: bool = typer.Option(
         False, "--force", help="With --resume: continue even if the recipe or data changed since the checkpoint."
     ),
+    ignore_memory_plan: bool = typer.Option(
+        False, "--ignore-memory-plan", help="Train even if the memory plan (finetune plan) says it will not fit."
+    ),
 ) -> None:
     """Train a model as the recipe says (SFT, DPO, ORPO or KTO; LoRA, QLoRA or full; one process or several).
 
@@ -128,7 +131,10 @@ def train(
     from finetune.train import run_training
 
     command = ["finetune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)), "--resume"]
-    run_training(loaded, overwrite=overwrite, resume=resume, force=force, resume_command=shlex.join(redact(command)))
+    run_training(
+        loaded, overwrite=overwrite, resume=resume, force=force, resume_command=shlex.join(redact(command)),
+        ignore_memory_plan=ignore_memory_plan,
+    )
 
 
 @app.command("launch-plan")
@@ -141,6 +147,30 @@ def launch_plan(
     from finetune.recipe import load_recipe
 
     typer.echo(describe_launch(load_recipe(recipe, overrides)), nl=False)
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    gpu_memory: str | None = typer.Option(
+        None, "--gpu-memory", help="Plan for a GPU of this size (e.g. 24GiB, 80GB); default: this machine."
+    ),
+    processes: int | None = typer.Option(None, "--processes", min=1, help="Data-parallel processes."),
+    zero_stage: int | None = typer.Option(
+        None, "--zero-stage", min=0, max=3, help="Shard optimizer (1), + gradients (2), + weights (3, or FSDP)."
+    ),
+) -> None:
+    """Estimate peak memory per process from the model's config alone (no weights), and whether it fits."""
+    from finetune.plan import plan_report
+    from finetune.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    text, fits = plan_report(loaded.recipe, str(recipe), gpu_memory=gpu_memory, processes=processes,
+                             zero_stage=zero_stage)
+    typer.echo(text)
+    if fits is False:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -161,7 +161,8 @@ class MetricsLog(TrainerCallback):
             if isinstance(value, int | float):
                 self.first.setdefault(key, value)
                 self.last[key] = value
-        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
+                  "cpu_seconds": time.process_time(), **logs}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 

@@ -12,6 +12,7 @@ from finetune.errors import UserError
 from finetune.launch.processes import is_main_process, main_process_first, zero3_weight_loading
 from finetune.lifecycle import RunLifecycle
 from finetune.logs import quiet_libraries, stderr
+from finetune.plan import check_memory, peak_memory
 from finetune.preflight import check_weights_format, report_longest
 from finetune.recipe import LoadedRecipe, Recipe
 from finetune.recipe.preference import PREFERENCE_KINDS
@@ -29,6 +30,7 @@ def run_training(
     resume_command: str | None = None,
     callbacks: tuple = (),
     launched: bool = False,
+    ignore_memory_plan: bool = False,
 ) -> Path:
     """Run a validated recipe end to end and return the run directory.
 
@@ -44,6 +46,7 @@ def run_training(
             them to fail at a chosen step).
         launched: This is one process of a multi-process run (finetune.launch), whose launcher has
             already claimed the run directory and written the resolved recipe this process was given.
+        ignore_memory_plan: Train even when the memory plan (finetune plan) says the run will not fit.
     """
     log = log or stderr
     recipe = loaded.recipe
@@ -60,6 +63,9 @@ def run_training(
     # before the run directory is claimed, so a typo costs seconds and leaves nothing behind.
     layout = read_layout(start.base, recipe)
     check_selection(recipe, layout, recipe.model.path)
+    from finetune.model import resolve_precision
+
+    check_memory(recipe, start.base, resolve_precision(recipe).device, force=ignore_memory_plan, log=log)
     with RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
                       resume_command=resume_command, launched=launched) as run:
         return _train(recipe, start, layout, run, log, callbacks)
@@ -189,6 +195,7 @@ def _training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> 
         "fp16": precision.fp16,
         "use_cpu": precision.device == "cpu",
         "activation_checkpointing": t.gradient_checkpointing,
+        "torch_compile": t.compile,
         "optim": t.optimizer,
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
@@ -224,15 +231,16 @@ def _quiet_default_printer(trainer) -> None:
 
 def run_sft(recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir):
     """Build TRL's SFTTrainer on our pre-tokenised input_ids/labels (TRL keeps our labels as they are)."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from finetune.sft_options import resolve_lm_head, sft_config_kwargs
+    from finetune.sft_trainer import FastSFTTrainer
 
     args = SFTConfig(
-        **_training_args(recipe, precision, run_dir, eval_ds is not None),
-        packing=recipe.method.packing,
-        packing_strategy="bfd",
+        **{**_training_args(recipe, precision, run_dir, eval_ds is not None), **sft_config_kwargs(recipe)},
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(
+    trainer = FastSFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -240,6 +248,8 @@ def run_sft(recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=_callbacks(run_dir),
+        lm_head=resolve_lm_head(recipe, precision.device),
+        token_metrics=recipe.training.token_metrics,
     )
     _quiet_default_printer(trainer)
     return trainer
@@ -320,6 +330,7 @@ def _save_outputs(
            if last_eval and recipe.method.kind == "sft" else {}),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **metrics,
+        **peak_memory(),
         **_metric_summary(trainer),
     }
     if resumed_step is not None:

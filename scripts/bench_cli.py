@@ -46,6 +46,11 @@ def main() -> None:
         for name, cmd in commands.items():
             times = time_command(cmd, args.runs, tmp)
             print(f"| `{name}` | {statistics.median(times):.3f} | {min(times):.3f} |")
+        # The 7B recipe names its config directory relative to the repository root.
+        plan = exe + ["plan", "recipes/7b/qlora.yaml", "--gpu-memory", "24GiB"]
+        times = time_command(plan, args.runs, str(REPO))
+        print(f"| `finetune plan recipes/7b/qlora.yaml --gpu-memory 24GiB` | {statistics.median(times):.3f} "
+              f"| {min(times):.3f} |")
         times = []
         for i in range(args.runs):
             start = time.perf_counter()
