@@ -58,7 +58,7 @@ DEFAULT_VARIANTS = {
     "finetune": [],
     "ft: full LM-head metrics (TRL's)": ["--set", "training.token_metrics=true"],
     "ft: chunked LM head": ["--set", "training.lm_head=chunked"],
-    "ft: padded batches": ["--set", "training.batching=padded"],
+    "ft: grouped batches": ["--set", "training.batching=grouped"],
     "ft: padding-free batches": ["--set", "training.batching=padding_free"],
     "ft: packed (bfd)": ["--set", "method.packing=true"],
     "ft: gradient checkpointing": ["--set", "training.gradient_checkpointing=true"],
