@@ -177,8 +177,8 @@ def _name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def verify_prompts(run_dir: Path | None, log, limit: int = 4) -> list[str]:
-    """The first user turns of the run's eval data (messages rows), else a fixed set of prompts."""
+def verify_prompts(run_dir: Path | None, log, limit: int = 3) -> list[str]:
+    """The first user turns of the run's eval data (messages rows), then a fixed set of prompts."""
     if run_dir is None:
         return VERIFY_PROMPTS
     from finetune.data.sources import read_rows
@@ -196,7 +196,7 @@ def verify_prompts(run_dir: Path | None, log, limit: int = 4) -> list[str]:
             user = next((m.get("content") for m in row.data.get("messages") or [] if m.get("role") == "user"), None)
             if isinstance(user, str) and user.strip() and len(prompts) < limit:
                 prompts.append(user)
-    return prompts or VERIFY_PROMPTS
+    return prompts + VERIFY_PROMPTS
 
 
 def _verify_inputs(tokenizer, prompts: list[str]):

@@ -210,6 +210,6 @@ def test_merge_verifies_on_the_runs_eval_prompts(tmp_path):
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(_load(path).recipe.model_dump(mode="json")))
     text = Path(resolve_data_path("builtin:sample_eval_chat.jsonl")).read_text()
     rows = [_json.loads(line) for line in text.splitlines()]
-    expected = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in rows][:4]
-    assert verify_prompts(run_dir, log=lambda _: None) == expected
+    expected = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in rows][:3]
+    assert verify_prompts(run_dir, log=lambda _: None) == expected + VERIFY_PROMPTS
     assert verify_prompts(None, log=lambda _: None) == VERIFY_PROMPTS
