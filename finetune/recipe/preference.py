@@ -167,4 +167,25 @@ def preference_rules(recipe) -> list[tuple[bool, str, str]]:
             "must be at least 2 for KTO: its KL term pairs each prompt with another row's answer in the same "
             "batch (with one row the KL estimate equals the reward); or use method.loss_type: apo_zero_unpaired",
         ),
+        # Preference rows take their own path to TRL (data/preference.py), which has no mixing, hold-out or
+        # skip policy yet: refuse those settings rather than ignore them.
+        (
+            recipe.data.eval_fraction is not None,
+            "data.eval_fraction",
+            f"is not supported with method.kind: {method.kind} yet; give held-out pairs in data.eval instead",
+        ),
+        (
+            recipe.data.on_bad_row != "error",
+            "data.on_bad_row",
+            f"'skip' is not supported with method.kind: {method.kind} yet; fix the rows (each is named) or drop them",
+        ),
+        *[
+            (
+                spec.weight != 1.0 or spec.samples is not None,
+                f"data.{split}.{i}.weight",
+                f"weight/samples are not supported with method.kind: {method.kind} yet; remove them",
+            )
+            for split in ("train", "eval")
+            for i, spec in enumerate(getattr(recipe.data, split))
+        ],
     ]
