@@ -7,7 +7,6 @@ through `redact`, so no token from the environment or the recipe is ever written
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -22,6 +21,7 @@ import yaml
 
 from finetune import __version__
 from finetune.checkpoints import write_atomic
+from finetune.data.sources import sha256_file
 from finetune.recipe.schema import Recipe
 from finetune.redact import redact
 
@@ -29,14 +29,6 @@ PACKAGES = (
     "torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "safetensors",
     "bitsandbytes", "deepspeed", "wandb", "mlflow-skinny", "mlflow", "tensorboard",
 )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hash_data(recipe: Recipe) -> list[dict[str, Any]]:

@@ -104,11 +104,12 @@ def resolve_sources(spec: DatasetSpec, key: str) -> list[Source]:
         label = spec.path + (f" ({spec.subset})" if spec.subset else "") + f" [{spec.split}]"
         return [Source(label=label, digest=f"hub:{table._fingerprint}", table=table)]
     if spec.path.startswith("builtin:"):  # tag rows "builtin:sample_chat.jsonl:12", not a site-packages path
-        return [Source(label=spec.path, digest=_file_digest(files[0]), file=files[0])]
-    return [Source(label=str(f), digest=_file_digest(f), file=f) for f in files]
+        return [Source(label=spec.path, digest=sha256_file(files[0]), file=files[0])]
+    return [Source(label=str(f), digest=sha256_file(f), file=f) for f in files]
 
 
-def _file_digest(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (data cache keys, provenance)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
