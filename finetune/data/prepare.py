@@ -15,6 +15,7 @@ from finetune.data.formats import CHAT_FORMATS
 from finetune.data.pipeline import Audit, check_audits, encode_dataset
 from finetune.data.sources import resolve_sources
 from finetune.errors import UserError
+from finetune.recipe.preference import PREFERENCE_KINDS
 from finetune.recipe.schema import Recipe
 
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
@@ -74,7 +75,7 @@ def _build(recipe: Recipe, tokenizer, template, sources):
     from finetune.data.mix import concatenate_and_shuffle, hold_out, resample
 
     data, seed = recipe.data, recipe.training.seed
-    preference = recipe.method.kind == "dpo"
+    preference = recipe.method.kind in PREFERENCE_KINDS  # pairs for DPO, ORPO and KTO (KTO unpairs them later)
     options = dict(
         section=data,
         tokenizer=tokenizer,
