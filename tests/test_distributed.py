@@ -60,7 +60,7 @@ def losses(run_dir: Path) -> list[float]:
 
 def launch(path: Path) -> tuple[Path, str]:
     """Launch through the real launcher, keeping the processes' stderr to look at."""
-    from finetune.launch.plan import launch_training
+    from finetune.launch.launcher import launch_training
 
     output = {}
 
@@ -76,7 +76,7 @@ def launch(path: Path) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, torch_one_thread) -> list[float]:
     """Losses of one process at micro batch 8 (also builds the tiny model the workers then reuse)."""
-    from finetune.train import run_training
+    from finetune.train.run import run_training
 
     tmp = tmp_path_factory.mktemp("single")
     run_dir = run_training(load_recipe(make_recipe(tmp, "single", 8)), log=lambda _: None)

@@ -65,7 +65,7 @@ def test_merge_of_a_dpo_adapter_loads_and_matches(dpo_lora_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.merge import run_merge
+    from finetune.merge.bake import run_merge
 
     out = run_merge(dpo_lora_run, out=tmp_path / "merged", log=lambda _: None)
     report = json.loads((out / "merge_report.json").read_text())
@@ -123,8 +123,8 @@ def test_sft_then_dpo_continues_the_sft_adapter_and_merges_into_the_base(tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.merge import run_merge
-    from finetune.tiny import resolve_model_path
+    from finetune.merge.bake import run_merge
+    from finetune.model.builtin import resolve_model_path
 
     sft = train(make_recipe(tmp_path, "sft", training={"max_steps": 6}))
     dpo = train(dpo_recipe(tmp_path, "dpo-after-sft", model={"path": str(sft), "start_from": "adapter"},

@@ -147,7 +147,7 @@ def test_cli_refuses_before_any_model_loads(name, all_cases, tmp_path):
 
 
 def test_unpaired_and_pair_shapes():
-    from finetune.data.preference import check_preference_row
+    from finetune.data.pairs import check_preference_row
 
     assert check_preference_row(PAIR_ROW, "preference") is None
     assert check_preference_row({"prompt": "Q", "completion": " A", "label": False}, "unpaired_preference") is None
@@ -163,7 +163,7 @@ def test_unpaired_and_pair_shapes():
 
 
 def test_kto_unpairs_pairs_without_neighbours_from_the_same_prompt():
-    from finetune.data.preference import unpair
+    from finetune.data.pairs import unpair
     from finetune.data.sources import Row
 
     rows = [Row({"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}, f"f:{i}") for i in range(6)]
@@ -174,7 +174,7 @@ def test_kto_unpairs_pairs_without_neighbours_from_the_same_prompt():
 
 
 def test_mixed_conversational_and_plain_rows_are_refused(tmp_path):
-    from finetune.data.preference import build_preference_split
+    from finetune.data.pairs import build_preference_split
     from finetune.recipe.schema import DatasetSpec
 
     plain = write_jsonl(tmp_path / "plain.jsonl", [PAIR_ROW])
@@ -188,7 +188,7 @@ def test_mixed_conversational_and_plain_rows_are_refused(tmp_path):
 def test_progress_line_shows_reward_accuracy_and_margin():
     from transformers import TrainerState
 
-    from finetune.progress import ProgressDisplay
+    from finetune.train.progress import ProgressDisplay
 
     stream = io.StringIO()
     display = ProgressDisplay(stream=stream)

@@ -15,7 +15,7 @@ from finetune.data.formats import CHAT_FORMATS
 from finetune.data.pipeline import Audit, check_audits, encode_dataset
 from finetune.data.sources import resolve_sources
 from finetune.errors import UserError
-from finetune.recipe.preference import PREFERENCE_KINDS
+from finetune.recipe.methods import PREFERENCE_KINDS
 from finetune.recipe.schema import Recipe
 
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")

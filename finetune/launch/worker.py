@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from finetune.errors import UserError
-from finetune.launch.plan import ERROR_FILE
+from finetune.launch.launcher import ERROR_FILE
 from finetune.launch.processes import is_local_main_process, is_main_process
 from finetune.logs import stderr
 
@@ -19,7 +19,7 @@ from finetune.logs import stderr
 def run_worker(recipe_path: Path) -> Path:
     """Train the resolved recipe of a run as one of its processes."""
     from finetune.recipe import load_recipe
-    from finetune.train import run_training
+    from finetune.train.run import run_training
 
     loaded = load_recipe(recipe_path)
     run_dir = Path(loaded.recipe.run_dir)

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
-from finetune.recipe.preference import PREFERENCE_KINDS, DPOMethod, KTOMethod, ORPOMethod, preference_rules
+from finetune.recipe.methods import PREFERENCE_KINDS, DPOMethod, KTOMethod, ORPOMethod, preference_rules
 from finetune.recipe.section import PositiveInt, RuleViolations, Section, check_rules
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -657,7 +657,7 @@ class DistributedSection(Section):
     )
     config: str | None = Field(
         None,
-        description="Use a ready file instead of generating one: a name from configs/ (zero1, zero2, zero3, "
+        description="Use a ready file instead of generating one: a shipped preset (zero1, zero2, zero3, "
         "zero3-offload for DeepSpeed; fsdp2-full-shard, fsdp2-shard-grad-op for FSDP) or a path to a "
         "DeepSpeed .json or accelerate .yaml file. The file then decides ZeRO/FSDP settings.",
     )

@@ -6,18 +6,18 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 from finetune.errors import UserError
 from finetune.launch.processes import is_main_process, main_process_first, zero3_weight_loading
-from finetune.lifecycle import RunLifecycle
 from finetune.logs import quiet_libraries, stderr
-from finetune.plan import check_memory, peak_memory
-from finetune.preflight import check_weights_format, report_longest
 from finetune.recipe import LoadedRecipe, Recipe
-from finetune.recipe.preference import PREFERENCE_KINDS
-from finetune.redact import redact_text, secret_key_paths
-from finetune.trackers import check_trackers
+from finetune.recipe.methods import PREFERENCE_KINDS
+from finetune.redact import secret_key_paths
+from finetune.train.checks import check_weights_format, report_longest
+from finetune.train.lifecycle import RunLifecycle
+from finetune.train.memory import check_memory, peak_memory
+from finetune.train.trackers import check_trackers
+from finetune.train.trainers import TRAINERS
 
 
 def run_training(
@@ -53,7 +53,7 @@ def run_training(
     if recipe.distributed.strategy != "none" and not launched:
         raise UserError(
             f"distributed.strategy: '{recipe.distributed.strategy}' starts several processes; "
-            "run it with `finetune train` (finetune.launch.plan.launch_training), not in this process"
+            "run it with `finetune train` (finetune.launch.launcher.launch_training), not in this process"
         )
     start = _preflight(recipe)
     quiet_libraries()
@@ -63,7 +63,7 @@ def run_training(
     # before the run directory is claimed, so a typo costs seconds and leaves nothing behind.
     layout = read_layout(start.base, recipe)
     check_selection(recipe, layout, recipe.model.path)
-    from finetune.model import resolve_precision
+    from finetune.model.load import resolve_precision
 
     check_memory(recipe, start.base, resolve_precision(recipe).device, force=ignore_memory_plan, log=log)
     with RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
@@ -78,9 +78,9 @@ def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks) -> 
     from finetune.adapters import hooks
     from finetune.adapters.configs import build_peft_config
     from finetune.adapters.summary import count_parameters, summary_lines
-    from finetune.model import load_model, load_tokenizer, resolve_precision
-    from finetune.start import load_start_adapter
-    from finetune.vocab import add_special_tokens, fit_embeddings
+    from finetune.model.load import load_model, load_tokenizer, resolve_precision
+    from finetune.model.start import load_start_adapter
+    from finetune.model.vocab import add_special_tokens, fit_embeddings
 
     precision = resolve_precision(recipe)
     check_weights_format(start.base, recipe)
@@ -106,7 +106,7 @@ def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks) -> 
     )
     hooks.prepare_trainer(trainer, recipe, run_dir, start.base, total_steps)
     if recipe.method.kind in PREFERENCE_KINDS:
-        from finetune.preference import check_prepared, describe_reference
+        from finetune.train.preference import check_prepared, describe_reference
 
         _add_to_audit(run_dir / "audit.json", check_prepared(recipe, trainer, len(train_ds), log))
         log(f"reference model: {describe_reference(trainer, recipe)}")
@@ -121,7 +121,7 @@ def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks) -> 
     if summary is None:  # another process of a multi-process run: the main one writes and reports
         return run_dir
     run.finish(summary, run_dir / _artifact_name(recipe))
-    from finetune.progress import describe_reward_change
+    from finetune.train.progress import describe_reward_change
 
     if change := describe_reward_change(summary):
         log(change)
@@ -135,8 +135,8 @@ def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks) -> 
 def _preflight(recipe: Recipe):
     """Cheap checks that would otherwise fail after the model has loaded; returns where training starts."""
     from finetune.data.sources import check_dataset_exists
-    from finetune.model import check_quantisation_available
-    from finetune.start import resolve_start
+    from finetune.model.load import check_quantisation_available
+    from finetune.model.start import resolve_start
 
     check_quantisation_available(recipe)
     check_trackers(recipe)
@@ -147,8 +147,8 @@ def _preflight(recipe: Recipe):
         for i, spec in enumerate(getattr(recipe.data, split)):
             check_dataset_exists(spec, f"data.{split}[{i}]")
     if recipe.method.kind in PREFERENCE_KINDS:
-        from finetune.data.preference import check_local_preference_data
-        from finetune.preference import check_orpo_available
+        from finetune.data.pairs import check_local_preference_data
+        from finetune.train.preference import check_orpo_available
 
         check_orpo_available(recipe)
         check_local_preference_data(recipe)
@@ -161,7 +161,7 @@ def _build_data(recipe: Recipe, tokenizer, run_dir: Path, log):
 
     set_chat_template(recipe, tokenizer)
     if recipe.method.kind in PREFERENCE_KINDS:
-        from finetune.data.preference import build_preference_data
+        from finetune.data.pairs import build_preference_data
 
         return build_preference_data(recipe.data, recipe.method.kind, run_dir / "audit.json", log)
     train_ds, eval_ds, audits = prepare_datasets(recipe, tokenizer, log)
@@ -178,99 +178,6 @@ def _add_to_audit(path: Path, record: dict) -> None:
     path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
 
 
-def _training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
-    t = recipe.training
-    return {
-        "output_dir": str(run_dir / "checkpoints"),
-        "per_device_train_batch_size": t.micro_batch_size,
-        "per_device_eval_batch_size": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "learning_rate": t.learning_rate,
-        "lr_scheduler_type": t.lr_scheduler,
-        "warmup_steps": t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps in transformers 5
-        "num_train_epochs": t.epochs,
-        "max_steps": t.max_steps or -1,
-        "max_length": t.max_length,
-        "bf16": precision.bf16,
-        "fp16": precision.fp16,
-        "use_cpu": precision.device == "cpu",
-        "activation_checkpointing": t.gradient_checkpointing,
-        "torch_compile": t.compile,
-        "optim": t.optimizer,
-        "weight_decay": t.weight_decay,
-        "max_grad_norm": t.max_grad_norm,
-        "seed": t.seed,
-        "data_seed": t.seed,
-        "logging_steps": t.logging_steps,
-        "logging_first_step": True,
-        "eval_strategy": "steps" if has_eval and t.eval_steps else "no",
-        "eval_steps": t.eval_steps,
-        "save_strategy": "steps" if t.save_steps else "no",
-        "save_steps": t.save_steps or 500,
-        "save_total_limit": t.save_total_limit,
-        "metric_for_best_model": "eval_loss" if t.keep_best_checkpoint else None,  # protects the best from rotation
-        "report_to": recipe.logging.report_to or "none",
-        "run_name": redact_text(recipe.logging.run_name or recipe.name),  # trackers and training_args.bin
-        "disable_tqdm": True,  # our ProgressDisplay replaces it
-        "dataloader_pin_memory": precision.device == "cuda",
-    }
-
-
-def _callbacks(run_dir: Path):
-    from finetune.progress import MetricsLog, ProgressDisplay
-
-    return [ProgressDisplay(), MetricsLog(run_dir / "metrics.jsonl")]
-
-
-def _quiet_default_printer(trainer) -> None:
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-
-
-def run_sft(recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir):
-    """Build TRL's SFTTrainer on our pre-tokenised input_ids/labels (TRL keeps our labels as they are)."""
-    from trl import SFTConfig
-
-    from finetune.sft_options import resolve_lm_head, sft_config_kwargs
-    from finetune.sft_trainer import FastSFTTrainer
-
-    args = SFTConfig(
-        **{**_training_args(recipe, precision, run_dir, eval_ds is not None), **sft_config_kwargs(recipe)},
-        dataset_num_proc=None,
-    )
-    trainer = FastSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=_callbacks(run_dir),
-        lm_head=resolve_lm_head(recipe, precision.device),
-        token_metrics=recipe.training.token_metrics,
-    )
-    _quiet_default_printer(trainer)
-    return trainer
-
-
-def run_preference(recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir):
-    """Build TRL's DPO, ORPO or KTO trainer (finetune/preference.py says which reference model each uses)."""
-    from finetune.preference import PREFERENCE_TRAINERS
-
-    common = _training_args(recipe, precision, run_dir, eval_ds is not None)
-    build = PREFERENCE_TRAINERS[recipe.method.kind]
-    trainer = build(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common)
-    for callback in _callbacks(run_dir):
-        trainer.add_callback(callback)
-    _quiet_default_printer(trainer)
-    return trainer
-
-
-TRAINERS = {"sft": run_sft, **{kind: run_preference for kind in PREFERENCE_KINDS}}
-
-
 def _total_steps(recipe: Recipe, train_ds) -> int:
     """Optimizer steps of the run, from the rows the trainer will see (packed rows when packing)."""
     import os
@@ -281,7 +188,7 @@ def _total_steps(recipe: Recipe, train_ds) -> int:
     if recipe.method.kind == "sft" and recipe.method.packing:
         from trl.data_utils import pack_dataset
 
-        # the same packing SFTTrainer applies (run_sft: packing_strategy bfd)
+        # the same packing SFTTrainer applies (build_sft_trainer: packing_strategy bfd)
         rows = len(pack_dataset(train_ds.select_columns(["input_ids", "labels"]), recipe.training.max_length, "bfd"))
     return total_optimizer_steps(rows, recipe.training, int(os.environ.get("WORLD_SIZE", "1")))
 
@@ -315,7 +222,7 @@ def _save_outputs(
         return None
     tokenizer.save_pretrained(out)
     if recipe.method.kind in PREFERENCE_KINDS:
-        from finetune.preference import describe_reference
+        from finetune.train.preference import describe_reference
 
         metrics = {**metrics, "reference_model": describe_reference(trainer, recipe)}
     history = trainer.state.log_history
@@ -340,7 +247,7 @@ def _save_outputs(
 
 
 def _metric_summary(trainer) -> dict:
-    from finetune.progress import MetricsLog
+    from finetune.train.progress import MetricsLog
 
     logs = [c for c in trainer.callback_handler.callbacks if isinstance(c, MetricsLog)]
     return logs[0].summary() if logs else {}

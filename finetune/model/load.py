@@ -102,7 +102,7 @@ def load_model(path: str, recipe: Recipe, precision: Precision, *, revision: str
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         if kwargs["use_safetensors"] and "safetensors" in str(exc):
-            from finetune.preflight import pickle_refusal
+            from finetune.train.checks import pickle_refusal
 
             raise UserError(pickle_refusal(path, _first_line(exc))) from None
         raise UserError(f"model.path: cannot load a causal LM from {path!r}: {_first_line(exc)}") from None

@@ -72,7 +72,7 @@ def build_context(recipe: Recipe, machine: Machine | None = None) -> Context:
     """
     machine = machine or Machine.detect()
     if machine.gpus == 0:
-        from finetune.model import resolve_precision
+        from finetune.model.load import resolve_precision
 
         resolve_precision(recipe)
     return Context(recipe, machine)
@@ -80,7 +80,7 @@ def build_context(recipe: Recipe, machine: Machine | None = None) -> Context:
 
 def prepare_launch(loaded: LoadedRecipe, machine: Machine | None = None) -> LaunchPlan:
     """Check everything that can be checked before a process starts, then plan the launch."""
-    from finetune.train import _preflight  # datasets exist, quantisation is installed
+    from finetune.train.run import _preflight  # datasets exist, quantisation is installed
 
     recipe = loaded.recipe
     _preflight(recipe)
@@ -169,9 +169,9 @@ def launch_training(
     `runner(argv, env) -> exit code` starts the command (default: run_command); tests pass a recorder.
     Everything that can be refused is refused before the run directory is created.
     """
-    from finetune.checkpoints import write_atomic
     from finetune.redact import redact
-    from finetune.rundir import claim_run_dir
+    from finetune.run.checkpoints import write_atomic
+    from finetune.run.lock import claim_run_dir
 
     log = log or stderr
     recipe = loaded.recipe

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from finetune.errors import UserError
-from finetune.recipe.preference import PREFERENCE_KINDS
+from finetune.recipe.methods import PREFERENCE_KINDS
 
 data_app = typer.Typer(
     name="data",
@@ -40,8 +40,8 @@ def _prepare(recipe_path: Path, overrides: list[str]):
         )
     from finetune.data.prepare import prepare_datasets, set_chat_template
     from finetune.logs import quiet_libraries, stderr
-    from finetune.model import load_tokenizer
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
+    from finetune.model.load import load_tokenizer
 
     # Libraries print to stdout on import (DeepSpeed's accelerator notice); stdout is for our output only.
     with contextlib.redirect_stdout(sys.stderr):

@@ -8,8 +8,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from finetune.checkpoints import MARKER, commit_checkpoint
-from finetune.interrupt import StopRequest
+from finetune.run.checkpoints import MARKER, commit_checkpoint
+from finetune.train.interrupt import StopRequest
 
 
 class CheckpointCommitter(TrainerCallback):

@@ -34,7 +34,7 @@ class Source:
 
 def resolve_source(spec: str) -> Source:
     """Work out what `spec` names (see the module docstring)."""
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     path = Path(spec)
     if (path / "recipe.yaml").is_file():
@@ -127,7 +127,7 @@ def load(source: Source, extra_adapters: list[tuple[str, Path]] = (), *, log=Non
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.merge_checks import check_adapter_matches_base, read_adapter_config
+    from finetune.merge.checks import check_adapter_matches_base, read_adapter_config
 
     adapters = list(source.adapters) + list(extra_adapters)
     taken = [n for n, _ in source.adapters]

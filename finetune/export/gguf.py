@@ -1,21 +1,17 @@
-"""`finetune export`: ship a trained model to llama.cpp/Ollama (GGUF) or to vLLM (adapter hot-swap)."""
+"""`finetune export --format gguf`: one GGUF file for llama.cpp/Ollama, merging an adapter first."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import shlex
 from pathlib import Path
 
 from finetune.errors import UserError
 from finetune.logs import stderr
 
-FORMATS = ("gguf", "vllm")
-
 
 def export_gguf(source: Path, *, quant: str = "f16", out: Path | None = None, log=None) -> Path:
     """Write one GGUF file; a run or adapter is merged (and verified) first, or its merge is reused."""
-    from finetune.gguf_export import QUANTS, write_gguf
+    from finetune.export.gguf_writer import QUANTS, write_gguf
 
     log = log or stderr
     if importlib.util.find_spec("gguf") is None:
@@ -36,7 +32,7 @@ def export_gguf(source: Path, *, quant: str = "f16", out: Path | None = None, lo
 
 def _merged_model_dir(source: Path, log) -> tuple[Path, str]:
     """A directory with a complete transformers model for `source`, merging an adapter if needed."""
-    from finetune.merge import run_merge
+    from finetune.merge.bake import run_merge
 
     if not source.exists():
         raise UserError(f"{source}: no such run, model or adapter directory")
@@ -58,39 +54,3 @@ def _merged_model_dir(source: Path, log) -> tuple[Path, str]:
     raise UserError(
         f"{source}: not a run, model or adapter directory (no recipe.yaml, config.json or adapter_config.json)"
     )
-
-
-def vllm_command(source: Path, *, name: str | None = None) -> str:
-    """The `vllm serve` command that serves the base with this adapter hot-swappable as `name`."""
-    from finetune.inference import resolve_source
-
-    resolved = resolve_source(str(source))
-    if not resolved.adapters:
-        model = resolved.base
-        return f"vllm serve {shlex.quote(model)}"
-    [(default_name, adapter_dir)] = resolved.adapters
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise UserError(f"{adapter_dir}: vLLM serves LoRA adapters only; this one is {config.get('peft_type')}")
-    if config.get("use_dora"):
-        raise UserError(f"{adapter_dir}: vLLM does not serve DoRA adapters; merge it (`finetune merge`) and serve that")
-    parts = [
-        "vllm serve", shlex.quote(resolved.base), "--enable-lora",
-        "--lora-modules", shlex.quote(f"{name or default_name}={adapter_dir.resolve()}"),
-    ]
-    rank = int(config.get("r", 16))
-    if rank > 16:  # vLLM's default --max-lora-rank is 16 and it refuses larger adapters
-        parts += ["--max-lora-rank", str(_next_supported_rank(rank))]
-    if config.get("modules_to_save"):
-        stderr(
-            f"note: {adapter_dir} also trains {config['modules_to_save']} in full; vLLM's LoRA serving does not "
-            "load those, so merge the adapter (`finetune merge`) and serve the merged model instead"
-        )
-    return " ".join(parts)
-
-
-def _next_supported_rank(rank: int) -> int:
-    for supported in (8, 16, 32, 64, 128, 256, 320, 512):
-        if rank <= supported:
-            return supported
-    return rank

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from finetune.errors import UserError
-from finetune.inference import BASE, Loaded, Sampling, generate_texts, prompt_text
+from finetune.inference.load import BASE, Loaded, Sampling, generate_texts, prompt_text
 
 
 def read_prompts(path: Path) -> list[dict]:

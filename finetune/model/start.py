@@ -49,7 +49,7 @@ def adapter_base(recipe: Recipe) -> Start:
 
 
 def _resolve(recipe: Recipe, *, key: str, depth: int, current: bool) -> Start:
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     model = recipe.model
     if not is_run_dir(model.path):

@@ -118,7 +118,7 @@ def check_prepared(recipe: Recipe, trainer, rows: int, log) -> dict:
     kept = len(dataset)
     record = {"rows_given_to_trl": rows, "rows_kept_by_trl": kept, **_length_stats(dataset, recipe)}
     if recipe.method.kind == "kto":
-        from finetune.data.preference import kto_label_warning, label_counts
+        from finetune.data.pairs import kto_label_warning, label_counts
 
         record["desirable"], record["undesirable"] = label_counts(dataset)
         warning = kto_label_warning(dataset)

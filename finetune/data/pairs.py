@@ -106,7 +106,7 @@ def check_local_preference_data(recipe: Recipe) -> None:
 def build_preference_data(data: DataSection, kind: str, audit_path, log):
     """Train and eval datasets for a preference method; audit.json gets the rows read per dataset.
 
-    Token counts come later, from TRL's own tokenisation (finetune.preference.check_prepared).
+    Token counts come later, from TRL's own tokenisation (finetune.train.preference.check_prepared).
     """
     import json
 

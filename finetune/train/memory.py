@@ -19,7 +19,7 @@ from pathlib import Path
 
 from finetune.errors import UserError
 from finetune.recipe.schema import LoraFields, Recipe
-from finetune.sft_options import resolve_batching, resolve_lm_head
+from finetune.train.sft_options import resolve_batching, resolve_lm_head
 
 GiB = 2**30
 CUDA_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspaces, allocator slack: outside max_memory_allocated
@@ -181,7 +181,7 @@ def read_shape(config_path: Path) -> ModelShape:
 
 def load_shape(model_path: str, revision: str | None = None) -> ModelShape:
     """Resolve builtin names, find config.json and read it."""
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     return read_shape(find_config(resolve_model_path(model_path), revision))
 

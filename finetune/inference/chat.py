@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from finetune.inference import BASE, Loaded, Sampling, prompt_text
+from finetune.inference.load import BASE, Loaded, Sampling, prompt_text
 
 HELP = (
     "commands: /adapter NAME (switch adapter), /base (adapters off), /adapters (list), "
@@ -79,7 +79,7 @@ def _printer(stdout):
 
 
 def _reply(loaded: Loaded, history, sampling: Sampling, system, streamer) -> list[str]:
-    from finetune.inference import generate_texts
+    from finetune.inference.load import generate_texts
 
     return generate_texts(loaded, [prompt_text(loaded.tokenizer, history, system)], sampling, streamer=streamer)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import UserError
-from finetune.inference import BASE, Loaded, Sampling, generate_texts, prompt_text
+from finetune.inference.load import BASE, Loaded, Sampling, generate_texts, prompt_text
 
 METRICS = ("loss", "perplexity", "exact_match", "contains", "json_valid")
 HIGHER_IS_BETTER = {"loss": False, "perplexity": False}
@@ -239,11 +239,11 @@ def run_eval(
     log=None,
 ) -> dict[str, dict]:
     """Evaluate a run, model or adapter (and its base with `with_base`); return {model: {metric: value}}."""
-    from finetune.inference import load, resolve_source
+    from finetune.inference.load import load, resolve_source
     from finetune.recipe.schema import DataSection
 
     if lm_eval_tasks:
-        from finetune.lm_eval_tasks import check_lm_eval
+        from finetune.inference.lm_eval import check_lm_eval
 
         check_lm_eval()
     source = resolve_source(spec)
@@ -277,7 +277,7 @@ def run_eval(
                 log(f"evaluating {label}")
             results[label] = evaluate_one(loaded, name, dataset, tasks, sampling, batch_size)
     else:  # a merged or fully trained model: load the base it started from as a second model
-        from finetune.inference import Source
+        from finetune.inference.load import Source
 
         base = load(Source(source.original_base, source.tokenizer_dir), log=log)
         for label, model in (("base", base), ("tuned", loaded)):
@@ -285,7 +285,7 @@ def run_eval(
                 log(f"evaluating {label}")
             results[label] = evaluate_one(model, BASE, dataset, tasks, sampling, batch_size)
     if lm_eval_tasks:
-        from finetune.lm_eval_tasks import run_lm_eval
+        from finetune.inference.lm_eval import run_lm_eval
 
         for label in results:
             name = label if label in loaded.adapters else BASE

@@ -20,7 +20,10 @@ from typing import Any
 
 import yaml
 
-from finetune.checkpoints import (
+from finetune.errors import UserError
+from finetune.recipe import LoadedRecipe, Recipe
+from finetune.redact import REDACTED, redact, redact_text, secret_key_paths
+from finetune.run.checkpoints import (
     MARKER,
     check_resume,
     checkpoint_step,
@@ -29,14 +32,11 @@ from finetune.checkpoints import (
     trim_metrics,
     write_atomic,
 )
-from finetune.errors import UserError
-from finetune.interrupt import RunInterrupted, StopRequest
-from finetune.preflight import check_disk, plan_disk
-from finetune.provenance import finish_provenance, hash_data, model_card, start_provenance, write_provenance
-from finetune.recipe import LoadedRecipe, Recipe
-from finetune.redact import REDACTED, redact, redact_text, secret_key_paths
-from finetune.rundir import claim_run_dir
-from finetune.trackers import tracker_env
+from finetune.run.lock import claim_run_dir
+from finetune.run.provenance import finish_provenance, hash_data, model_card, start_provenance, write_provenance
+from finetune.train.checks import check_disk, plan_disk
+from finetune.train.interrupt import RunInterrupted, StopRequest
+from finetune.train.trackers import tracker_env
 
 
 class RunLifecycle:
@@ -136,7 +136,7 @@ class RunLifecycle:
 
     def _add_callbacks(self, trainer, stop: StopRequest, extra) -> None:
         """Stop-on-signal, then any extra callbacks, then the checkpoint committer (it must see their effects)."""
-        from finetune.callbacks import CheckpointCommitter, EvalPerplexity, StopOnSignal
+        from finetune.train.callbacks import CheckpointCommitter, EvalPerplexity, StopOnSignal
 
         if self.recipe.method.kind == "sft":
             # first in the list, so trackers and metrics.jsonl see the value (see EvalPerplexity)

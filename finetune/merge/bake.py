@@ -14,11 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from finetune.adapters.mergeable import init_of_run, refuse_unmergeable
 from finetune.errors import UserError
 from finetune.logs import quiet_libraries, stderr
-from finetune.merge_checks import check_adapter_matches_base, check_adapter_type, check_base_unquantised
-from finetune.vocab import fit_embeddings
+from finetune.merge.checks import check_adapter_matches_base, check_adapter_type, check_base_unquantised
+from finetune.merge.mergeable import init_of_run, refuse_unmergeable
+from finetune.model.vocab import fit_embeddings
 
 VERIFY_PROMPTS = [
     "What is the capital of France?",
@@ -44,8 +44,8 @@ def locate(source: Path) -> MergeSource:
         raise UserError(f"{source}: no such run or adapter directory")
     recipe_file = source / "recipe.yaml"
     if recipe_file.is_file():
+        from finetune.model.start import adapter_base
         from finetune.recipe import recipe_from_dict
-        from finetune.start import adapter_base
 
         recipe = recipe_from_dict(yaml.safe_load(recipe_file.read_text(encoding="utf-8")), str(recipe_file))
         if recipe.adapter.kind == "full":
@@ -147,11 +147,11 @@ def run_merge(
         "weight_files": sorted(p.name for p in out.glob("*.safetensors")),
     }
     (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    from finetune.model_card import carry_over
+    from finetune.run.card import carry_over
 
     carry_over(out, report, found.run_dir)  # the run's files into out/provenance/, and the model card
     if found.run_dir is not None:
-        from finetune.provenance import carry_into_merged
+        from finetune.run.provenance import carry_into_merged
 
         carry_into_merged(found.run_dir, out, report)  # out/provenance.json, with the merge report
     log(

@@ -20,10 +20,10 @@ from typing import Any
 import yaml
 
 from finetune import __version__
-from finetune.checkpoints import write_atomic
 from finetune.data.sources import sha256_file
 from finetune.recipe.schema import Recipe
 from finetune.redact import redact
+from finetune.run.checkpoints import write_atomic
 
 PACKAGES = (
     "torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "safetensors",
