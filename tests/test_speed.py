@@ -43,17 +43,17 @@ def test_auto_choices_follow_the_device_and_attention():
     from finetune.train.sft_options import resolve_batching, resolve_lm_head, sft_config_kwargs
 
     default = recipe()
-    assert resolve_batching(default) == "padded" and resolve_lm_head(default, "cpu") == "full_logits"
+    assert resolve_batching(default) == "padding_free" and resolve_lm_head(default, "cpu") == "full_logits"
     assert resolve_lm_head(default, "cuda") == "chunked"
     assert resolve_batching(recipe(model={"attn_implementation": "flash_attention_2"})) == "padding_free"
+    assert resolve_batching(recipe(model={"attn_implementation": "eager"})) == "grouped"
     assert resolve_lm_head(recipe(training={"token_metrics": True}), "cpu") == "chunked"
     assert sft_config_kwargs(recipe(training={"batching": "padding_free"}))["max_length"] is None
     assert sft_config_kwargs(recipe(method={"packing": True}))["packing"] is True
 
 
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory, torch_one_thread):
-    """finetune's SFT trainer on the tiny model, with TRL's chunked head and all its token metrics."""
+def build_trainer(r, run_dir, torch):
+    """finetune's SFT trainer for recipe `r` on the tiny model, with random values in every trained matrix."""
     from transformers import AutoTokenizer
 
     from finetune.adapters.configs import build_peft_config
@@ -62,12 +62,9 @@ def trainer(tmp_path_factory, torch_one_thread):
     from finetune.train.run import _build_data
     from finetune.train.trainers import build_sft_trainer
 
-    torch = torch_one_thread
-    r = recipe(training={"lm_head": "chunked", "token_metrics": True, "batching": "grouped"})
     precision = resolve_precision(r)
     path = resolve_model_path(r.model.path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    run_dir = tmp_path_factory.mktemp("speed")
     train_ds, _ = _build_data(r, tokenizer, run_dir, lambda _: None)
     torch.manual_seed(0)
     peft_config = build_peft_config(r, model_path=path, hidden_size=None, total_steps=None)
@@ -79,6 +76,13 @@ def trainer(tmp_path_factory, torch_one_thread):
                 param.normal_(0, 0.05)
     trainer.model.train()
     return trainer
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, torch_one_thread):
+    """finetune's SFT trainer with TRL's chunked head and all its token metrics."""
+    r = recipe(training={"lm_head": "chunked", "token_metrics": True, "batching": "grouped"})
+    return build_trainer(r, tmp_path_factory.mktemp("speed"), torch_one_thread)
 
 
 def loss_and_grads(trainer, inputs, num_items_in_batch=None):
@@ -176,3 +180,184 @@ def test_training_logs_token_counts_and_peak_memory(tmp_path, torch_one_thread):
     assert "mean_token_accuracy" not in steps[-1]  # token metrics off by default
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["peak_rss_bytes"] > 100 * 2**20
+
+
+@pytest.fixture(scope="module")
+def fast_trainer(tmp_path_factory, torch_one_thread):
+    """finetune's SFT trainer with the defaults on a CPU: padding-free rows, sdpa per sequence, fused LM head."""
+    return build_trainer(recipe(), tmp_path_factory.mktemp("fast"), torch_one_thread)
+
+
+def plain_loss_and_grads(trainer, inputs, num_items_in_batch=None):
+    """transformers' own path: the model computes its cross-entropy over every position of a padded batch."""
+    from transformers import Trainer
+
+    trainer.model.zero_grad(set_to_none=True)
+    loss = Trainer.compute_loss(trainer, trainer.model, dict(inputs), num_items_in_batch=num_items_in_batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_padding_free_and_packed_batches_give_the_padded_loss_and_gradients(fast_trainer):
+    from trl.data_utils import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from finetune.train.attention import SEGMENT_ATTENTION
+
+    trainer = fast_trainer
+    assert trainer.model.config._attn_implementation == SEGMENT_ATTENTION
+    assert trainer._fused_head is not None and trainer._keeps_positions
+    rows = [trainer.train_dataset[i] for i in range(8)]
+    padded = trainer._prepare_inputs(
+        DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id)(rows))
+    assert (padded["attention_mask"] == 0).any()
+    reference = plain_loss_and_grads(trainer, padded)
+    scaled = plain_loss_and_grads(trainer, padded, num_items_in_batch=scaled_count(padded))
+
+    flat = trainer._prepare_inputs(trainer.data_collator(rows))  # the default collator: one row, no padding
+    assert flat["input_ids"].shape[0] == 1 and len(flat["cu_seq_lens_q"]) == len(rows) + 1
+    assert_same(loss_and_grads(trainer, flat), reference)  # segment attention, trained positions, fused head
+    assert_same(loss_and_grads(trainer, flat, num_items_in_batch=scaled_count(padded)), scaled)
+    head, trainer._fused_head = trainer._fused_head, None  # the model's LM head on the trained positions
+    try:
+        assert_same(loss_and_grads(trainer, flat), reference)
+    finally:
+        trainer._fused_head = head
+
+    # Packed: the same rows in bins of max_length (TRL's bfd, several rows per bin), two bins per batch.
+    packed = pack_dataset(trainer.train_dataset.select(range(8)), 128, "bfd")
+    assert len(packed) < len(rows)
+    bins = trainer._prepare_inputs(trainer.data_collator([packed[i] for i in range(len(packed))]))
+    assert len(bins["cu_seq_lens_q"]) == len(rows) + 1  # every row is its own sequence inside the bins
+    assert_same(loss_and_grads(trainer, bins), reference)
+
+
+@pytest.mark.slow
+def test_segment_attention_matches_sdpa_with_the_block_mask(fast_trainer, torch_one_thread):
+    """The same padding-free row through transformers' sdpa (N x N block-diagonal mask) and per sequence."""
+    torch = torch_one_thread
+    from finetune.train.attention import SEGMENT_ATTENTION
+
+    model = fast_trainer.model
+    rows = [fast_trainer.train_dataset[i] for i in range(6)]
+    flat = fast_trainer._prepare_inputs(fast_trainer.data_collator(rows))
+    inputs = {"input_ids": flat["input_ids"], "position_ids": flat["position_ids"], "use_cache": False}
+    with torch.no_grad():
+        ours = model(**inputs, cu_seq_lens_q=flat["cu_seq_lens_q"]).logits
+        by_positions = model(**inputs).logits  # boundaries read off the position ids instead
+        model.base_model.model.set_attn_implementation("sdpa")
+        try:
+            masked = model(**inputs).logits
+        finally:
+            model.base_model.model.set_attn_implementation(SEGMENT_ATTENTION)
+    torch.testing.assert_close(ours, masked, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(by_positions, masked, atol=2e-5, rtol=1e-4)
+
+
+def test_fused_cross_entropy_matches_torch_over_several_tiles(torch_one_thread, monkeypatch):
+    torch = torch_one_thread
+    from finetune.train import cpu_ops
+
+    monkeypatch.setattr(cpu_ops, "TILE_FLOATS", 16 * 97)  # 16-row tiles: 50 rows make 4 tiles, the last short
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 24, generator=generator, requires_grad=True)
+    weight = torch.randn(97, 24, generator=generator)
+    targets = torch.randint(0, 97, (50,), generator=generator)
+    loss = cpu_ops.fused_cross_entropy(hidden, weight, targets) / 7
+    (grad,) = torch.autograd.grad(loss, hidden)
+    want = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum") / 7
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_fast_dropout_is_bernoulli_scaled_and_replays_from_torch_seed(torch_one_thread):
+    torch = torch_one_thread
+    from finetune.train.cpu_ops import FastDropout
+
+    dropout = FastDropout(0.1).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    out = dropout(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.9) < 5 * (0.9 * 0.1 / 1e6) ** 0.5  # within 5 sigma
+    torch.testing.assert_close(out[kept].detach(), torch.full((int(kept.sum()),), 1 / 0.9))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, out.detach())  # the gradient takes the same mask and scale
+    torch.manual_seed(3)
+    torch.testing.assert_close(dropout(x), out)  # same torch RNG state, same mask: resume replays it
+    assert not torch.equal(dropout(x), out)  # and the next call draws a new one
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_lora_dropout_layers_are_swapped_with_the_same_p(torch_one_thread):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model.builtin import resolve_model_path
+    from finetune.train.cpu_ops import FastDropout, speed_up_lora_dropout
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.05, target_modules="all-linear"))
+    assert speed_up_lora_dropout(model) > 0
+    dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+    assert dropouts and all(type(d) is FastDropout and d.p == 0.05 for d in dropouts)
+
+
+def test_grouped_order_is_a_function_of_seed_and_epoch():
+    from finetune.train.sampling import EpochLengthGroupedSampler
+
+    lengths = [(i * 37) % 500 + 1 for i in range(300)]
+    sampler = EpochLengthGroupedSampler(lengths, 8, seed=5)
+    first = list(sampler)
+    assert sorted(first) == list(range(300)) and list(sampler) == first  # a second pass over epoch 0: the same
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first
+    again = EpochLengthGroupedSampler(lengths, 8, seed=5)  # a resumed run's fresh sampler
+    again.set_epoch(1)
+    assert list(again) == second
+    assert list(EpochLengthGroupedSampler(lengths, 8, seed=6)) != first
+
+
+@pytest.mark.parametrize(
+    "sections, key, words",
+    [
+        ({"training": {"kernels": "liger"}}, "training.kernels", "CUDA GPU"),
+        ({"model": {"attn_implementation": "flash_attention_2"}}, "model.attn_implementation", "CUDA GPU"),
+    ],
+)
+def test_gpu_kernels_are_refused_on_a_cpu_before_the_run_starts(sections, key, words, tmp_path):
+    import yaml
+
+    from tests.conftest import run_cli
+
+    data = json.loads(json.dumps(BASE))
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    data["output"] = {"dir": str(tmp_path / "run")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    result = run_cli("train", str(tmp_path / "r.yaml"))
+    assert result.returncode == 2, result.stderr
+    assert key in result.stderr and words in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run directory was claimed
+
+
+def test_liger_is_sft_only_and_the_memory_plan_counts_what_it_saves():
+    from finetune.train.memory import estimate, read_shape
+    from finetune.train.sft_options import sft_config_kwargs
+    from tests.conftest import REPO
+
+    with pytest.raises(UserError) as info:
+        recipe(method={"kind": "dpo"}, training={"kernels": "liger"})
+    assert any("training.kernels" in p for p in info.value.problems)
+    liger = recipe(training={"kernels": "liger"})
+    assert sft_config_kwargs(liger)["use_liger_kernel"] is True
+    assert sft_config_kwargs(recipe())["use_liger_kernel"] is False
+    shape = read_shape(REPO / "configs/models/llama-7b/config.json")
+
+    def activations(r):
+        return next(p.bytes for p in estimate(r, shape, device="cuda").parts if p.name == "activations")
+
+    assert activations(liger) < 0.8 * activations(recipe())

@@ -51,6 +51,9 @@ def train(
         launch_training(loaded, overwrite=overwrite)  # re-launches through `accelerate launch`
         return
     from finetune.redact import redact
+    from finetune.train.startup import skip_unused_packages
+
+    skip_unused_packages(loaded.recipe)  # before anything imports transformers: this process runs one recipe
     from finetune.train.run import run_training
 
     command = ["finetune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)), "--resume"]

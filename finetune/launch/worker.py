@@ -20,8 +20,10 @@ def run_worker(recipe_path: Path) -> Path:
     """Train the resolved recipe of a run as one of its processes."""
     from finetune.recipe import load_recipe
     from finetune.train.run import run_training
+    from finetune.train.startup import skip_unused_packages
 
     loaded = load_recipe(recipe_path)
+    skip_unused_packages(loaded.recipe)  # before anything imports transformers: this process runs one recipe
     run_dir = Path(loaded.recipe.run_dir)
     if not recipe_path.parent.resolve() == run_dir.resolve():
         raise UserError(

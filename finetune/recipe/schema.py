@@ -592,17 +592,24 @@ class TrainingSection(Section):
     )
     batching: Literal["auto", "grouped", "padding_free", "padded"] = Field(
         "auto",
-        description="How SFT rows become micro-batches (without method.packing): 'grouped' (rows of similar length "
-        "together, little padding; faster, but a resumed run does not replay the same batches), 'padding_free' "
-        "(a batch's rows concatenated without padding; fastest with flash_attention_2), 'padded' (random batches "
-        "padded to their longest row). 'auto': padding_free with flash_attention_2, else padded. The loss of a "
-        "batch is the same either way.",
+        description="How SFT rows become micro-batches (without method.packing): 'padding_free' (a batch's rows "
+        "concatenated without padding; attention runs per row, with flash-attention's varlen kernel or with SDPA "
+        "once per row), 'grouped' (rows of similar length together, little padding; the order is a function of "
+        "seed and epoch, so --resume replays it), 'padded' (random batches padded to their longest row). 'auto': "
+        "padding_free with sdpa and flash_attention_2, grouped with eager and flex_attention. The loss of a batch "
+        "is the same either way.",
     )
     lm_head: Literal["auto", "chunked", "full_logits"] = Field(
         "auto",
         description="How the SFT loss runs the LM head: 'chunked' (TRL's fused head; the logits are never held in "
-        "memory), 'full_logits' (the model's own logits and cross-entropy: faster on a CPU, batch x length x vocab "
-        "fp32 logits in memory). 'auto': chunked on a GPU, full_logits on a CPU. Same loss either way.",
+        "memory), 'full_logits' (the model's own LM head on the positions that carry loss, and cross-entropy: "
+        "faster on a CPU). 'auto': chunked on a GPU, full_logits on a CPU. Same loss either way.",
+    )
+    kernels: Literal["none", "liger"] = Field(
+        "none",
+        description="Fused GPU kernels for SFT: 'liger' patches RMSNorm, RoPE and SwiGLU with Liger's Triton "
+        "kernels (transformers' use_liger_kernel; less activation memory, faster); the loss keeps TRL's chunked "
+        "head. Needs a CUDA GPU and the liger-kernel package (pip install 'finetune-recipes[liger]').",
     )
     token_metrics: bool = Field(
         False,
@@ -881,7 +888,7 @@ def _adapter_rules(recipe: Recipe) -> list[tuple[bool, str, str]]:
 
 
 def _speed_rules(recipe: Recipe) -> list[tuple[bool, str, str]]:
-    """training.batching / lm_head / token_metrics apply to SFT without packing, and fit together."""
+    """training.batching / lm_head / kernels / token_metrics apply to SFT (batching without packing), and fit."""
     t, sft = recipe.training, recipe.method.kind == "sft"
     packing = sft and recipe.method.packing
     return [
@@ -889,6 +896,7 @@ def _speed_rules(recipe: Recipe) -> list[tuple[bool, str, str]]:
          f"is '{t.batching}', but " + ("method.packing already makes padding-free batches; leave batching at auto"
                                        if packing else "batching applies to SFT only; leave it at auto")),
         (t.lm_head != "auto" and not sft, "training.lm_head", "applies to SFT only; leave it at auto"),
+        (t.kernels != "none" and not sft, "training.kernels", "applies to SFT only; leave it at none"),
         (t.token_metrics and not sft, "training.token_metrics", "applies to SFT only (DPO logs its own metrics)"),
         (t.token_metrics and t.lm_head == "full_logits", "training.token_metrics",
          "token metrics come from TRL's chunked LM head; set training.lm_head to chunked or auto"),

@@ -1,4 +1,4 @@
-"""Checks before the first step: weights format, disk room for the checkpoints, longest sample.
+"""Checks before the first step: weights format, GPU-only kernels, disk room for the checkpoints, longest sample.
 
 Each one fails (or warns) in seconds what would otherwise fail hours into a run: a pickle file
 that runs code when loaded, a disk that fills up at the third checkpoint, a sample silently
@@ -7,6 +7,7 @@ cut in half by max_length.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,24 @@ def pickle_refusal(model_path: str, found: str) -> str:
         "can run code hidden in it. Convert the weights to safetensors, or if you trust the source set "
         "model.allow_pickle_weights: true"
     )
+
+
+def check_kernels(recipe: Recipe, device: str) -> None:
+    """Refuse GPU-only kernels on a machine without a CUDA GPU, or without their package, before the model loads."""
+    wanted = []  # (what the recipe asks for, module, package, how to install it, what to do instead)
+    if recipe.training.kernels == "liger":
+        wanted.append(("training.kernels: 'liger'", "liger_kernel", "liger-kernel",
+                       "pip install 'finetune-recipes[liger]'", "set training.kernels: none"))
+    if recipe.model.attn_implementation == "flash_attention_2":
+        wanted.append(("model.attn_implementation: flash_attention_2", "flash_attn", "flash-attn",
+                       "a wheel built for your torch and CUDA (pip install flash-attn --no-build-isolation)",
+                       "use sdpa (padding-free batches then run attention one sequence at a time)"))
+    for what, module, package, install, instead in wanted:
+        if device != "cuda":
+            raise UserError(f"{what} runs on a CUDA GPU, and this machine has none; {instead}")
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{what} needs the {package} package, which is not installed; install {install}, "
+                            f"or {instead}")
 
 
 @dataclass

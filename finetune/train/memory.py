@@ -309,11 +309,16 @@ def _activations(shape: ModelShape, recipe: Recipe, batch: int, a: int, ckpt: bo
     # Per token and layer: two RMSNorms (input, output), q/k/v, attention output, and the gated MLP's gate, up,
     # activation and product; the norms also keep an fp32 copy when computing in 16 bits.
     per_layer = a * (4 * h + 2 * q + 2 * kv + 4 * i) + (8 * h if a == 2 else 0)
+    if recipe.training.kernels == "liger":
+        # Liger's RMSNorm keeps its input and one rstd per row (no fp32 copy), its SwiGLU recomputes the
+        # activation and product in the backward, and its RoPE rotates q and k in place.
+        per_layer -= (8 * h if a == 2 else 0) + a * (2 * i + q + kv)
     if lora is not None:
         targets, _ = _lora_targets(shape, lora)
         per_layer += a * lora.r * len(targets)  # each lora_A output
         if lora.dropout > 0:  # dropout gives every adapted layer its own copy of the input, and a mask
-            per_layer += (a + 1) * sum(i_ for i_, _ in targets)
+            mask = 4 if a == 4 else 1  # fp32 (a CPU run): finetune.train.cpu_ops.FastDropout keeps an fp32 mask
+            per_layer += (a + mask) * sum(i_ for i_, _ in targets)
     saved = layers * tokens * (a * h if ckpt else per_layer)
     if ckpt:
         saved += tokens * per_layer  # the layer being recomputed
@@ -321,9 +326,10 @@ def _activations(shape: ModelShape, recipe: Recipe, batch: int, a: int, ckpt: bo
     length = recipe.training.max_length
     if attention == "eager":
         saved += (1 if ckpt else layers) * batch * shape.heads * length * length * (4 + a)
-    if resolve_batching(recipe) in ("padding_free", "packed") and attention != "flash_attention_2":
-        saved += tokens * tokens  # one boolean mask over the whole concatenated batch
-    elif attention != "flash_attention_2":
+    padding_free = resolve_batching(recipe) in ("padding_free", "packed")
+    if padding_free and attention in ("eager", "flex_attention"):
+        saved += tokens * tokens  # one boolean mask over the whole concatenated batch (sdpa: one call per row)
+    elif not padding_free and attention != "flash_attention_2":
         saved += batch * length * length  # the padding mask
     return saved + tokens * a * 3 * h  # embeddings, final norm
 

@@ -13,7 +13,7 @@ from finetune.logs import quiet_libraries, stderr
 from finetune.recipe import LoadedRecipe, Recipe
 from finetune.recipe.methods import PREFERENCE_KINDS
 from finetune.redact import secret_key_paths
-from finetune.train.checks import check_weights_format, report_longest
+from finetune.train.checks import check_kernels, check_weights_format, report_longest
 from finetune.train.lifecycle import RunLifecycle
 from finetune.train.memory import check_memory, peak_memory
 from finetune.train.trackers import check_trackers
@@ -135,10 +135,11 @@ def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks) -> 
 def _preflight(recipe: Recipe):
     """Cheap checks that would otherwise fail after the model has loaded; returns where training starts."""
     from finetune.data.sources import check_dataset_exists
-    from finetune.model.load import check_quantisation_available
+    from finetune.model.load import check_quantisation_available, resolve_precision
     from finetune.model.start import resolve_start
 
     check_quantisation_available(recipe)
+    check_kernels(recipe, resolve_precision(recipe).device)
     check_trackers(recipe)
     if secret_key_paths(recipe.name):
         raise UserError("name: looks like a secret (a token or key); it names the run directory, so it cannot "

@@ -1,6 +1,6 @@
 """SFT speed options resolved from a recipe (no heavy imports: `finetune plan` uses them too).
 
-See finetune/sft_trainer.py for what each choice does and why the defaults are what they are.
+See finetune/train/sft.py for what each choice does and why the defaults are what they are.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ def resolve_batching(recipe: Recipe) -> str:
         return "packed"
     batching = recipe.training.batching
     if batching == "auto":
-        # not "grouped" by default: its sampler draws the order from RNG state a resume does not replay, so a
-        # resumed run would not land where an uninterrupted one does (tests/test_lifecycle.py shows it)
-        return "padding_free" if recipe.model.attn_implementation == "flash_attention_2" else "padded"
+        # padding-free rows cost only their real tokens where attention runs per sequence (flash-attention's
+        # varlen kernel, or finetune.train.attention for sdpa); eager and flex attention would mask the whole
+        # concatenation instead, so they get length-grouped batches, which carry little padding
+        return "padding_free" if recipe.model.attn_implementation in ("sdpa", "flash_attention_2") else "grouped"
     return batching
 
 
@@ -32,7 +33,9 @@ def resolve_lm_head(recipe: Recipe, device: str) -> str:
 def sft_config_kwargs(recipe: Recipe) -> dict:
     """SFTConfig arguments for the recipe's batching; the data is already tokenised, truncated and filtered."""
     batching = resolve_batching(recipe)
-    kwargs: dict = {"packing": batching == "packed", "packing_strategy": "bfd"}
+    # Liger's layer kernels through transformers' switch; TRL keeps its own chunked head for the loss.
+    kwargs: dict = {"packing": batching == "packed", "packing_strategy": "bfd",
+                    "use_liger_kernel": recipe.training.kernels == "liger"}
     if batching != "packed":
         # TRL's preparation would truncate and filter again, three passes over the data at start-up.
         kwargs["dataset_kwargs"] = {"skip_prepare_dataset": True}

@@ -69,8 +69,12 @@ def build_sft_trainer(recipe, model, tokenizer, train_ds, eval_ds, peft_config, 
     from trl import SFTConfig
 
     from finetune.train.sft import FastSFTTrainer
-    from finetune.train.sft_options import resolve_lm_head, sft_config_kwargs
+    from finetune.train.sft_options import resolve_batching, resolve_lm_head, sft_config_kwargs
 
+    if resolve_batching(recipe) in ("padding_free", "packed"):
+        from finetune.train.attention import use_segment_attention
+
+        use_segment_attention(model)  # sdpa per packed sequence, instead of one masked attention over the row
     args = SFTConfig(
         **{**training_args(recipe, precision, run_dir, eval_ds is not None), **sft_config_kwargs(recipe)},
         dataset_num_proc=None,
