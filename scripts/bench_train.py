@@ -1,14 +1,18 @@
-"""Side-by-side SFT benchmark: `finetune train` against a plain TRL `SFTTrainer` script on the same work.
+"""Side-by-side SFT benchmark: `finetune train` against the tools a user would pick instead, on the same work.
 
 Builds a Llama-shaped model of the chosen size (random weights, word-level tokenizer with a ChatML template),
 generates conversations with a realistic spread of lengths, and trains LoRA on all linear layers for a fixed
-number of steps, the same batch size and max_length, through two real processes:
+number of steps, the same batch size and max_length, each tool in its own process, one after another:
 
 - `finetune train RECIPE` (the CLI, `python -m finetune`), with a recipe this script writes, and `--set`
-  variants that switch one speed choice back off each (the ablation rows);
-- scripts/bench_trl_baseline.py, a plain TRL script with `assistant_only_loss=True` (same trained tokens).
+  variants that switch one speed choice back off each (the ablation rows, `ft: ...`);
+- scripts/bench_trl_baseline.py, a plain TRL script with `assistant_only_loss=True` (same trained tokens);
+- axolotl and LLaMA-Factory through their own CLIs, from venvs that scripts/bench_peer_venvs.sh installs
+  (scripts/bench_peers.py writes their configs and says what their environments needed).
 
-Runs alternate (TRL, finetune, variants; then again for each repeat) and the table gives the median per row:
+Every tool is run without packing and with its own packing (finetune's and TRL's keep rows apart; axolotl's
+and LLaMA-Factory's on a CPU let packed rows attend to each other, which costs them less attention).
+Runs alternate (every row once; then again for each repeat) and the table gives the median per row:
 time to the first optimizer step from process start, steady-state seconds per step, trained (non-padding,
 unmasked) tokens/s, real (non-padding) tokens/s, total tokens/s including padding, peak memory (the process's
 peak RSS on a CPU, `torch.cuda.max_memory_allocated` on a GPU), MFU against this machine's measured matmul
@@ -16,10 +20,11 @@ peak, and ratios to the TRL baseline. The table is printed and appended to docs/
 machine and command.
 
 Usage:
-    python scripts/bench_train.py                      # CPU: the 'tiny' preset; GPU: the '1b' preset in bf16
-    python scripts/bench_train.py --preset 1b --repeats 2
+    bash scripts/bench_peer_venvs.sh                   # once: axolotl and LLaMA-Factory venvs under /tmp/peers
+    python scripts/bench_train.py --threads 1          # CPU: the 'tiny' preset, every tool, with and without packing
+    python scripts/bench_train.py --preset 1b --repeats 2 --only trl,finetune
     python scripts/bench_train.py --steps 20 --only trl,finetune --no-append
-    python scripts/bench_train.py --variant 'packed=--set method.packing=true'
+    python scripts/bench_train.py --only finetune,'ft: padded batches'   # ablation rows
 """
 
 from __future__ import annotations
@@ -42,30 +47,47 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_peers import peer_python, peer_run, versions  # noqa: E402
 
 PRESETS = {
-    # ~7M parameters: the size of the peers' tiny comparison; a CPU runs it in minutes.
+    # 7.0M parameters, 2,000 conversations, micro batch 4, 60 steps: the workload the peers are compared on
+    # (issue 17); a CPU runs each tool in about a minute.
     "tiny": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=688, vocab=8192,
-                 max_length=512, batch=8, steps=40),
+                 max_length=512, batch=4, steps=60, rows=2000),
     # Llama-3.2-1B's shape: for a GPU (bf16).
     "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
                max_length=2048, batch=8, steps=30),
 }
 
-# Each finetune variant switches one of finetune's defaults back (or one option on), so its row shows what that
-# choice is worth. `finetune` is the default recipe; `trl` and `trl-no-ckpt` are the baseline script.
-DEFAULT_VARIANTS = {
-    "finetune": [],
+# Rows: name -> (tool, packing, extra arguments). The comparison rows run each tool with its defaults (and, where a
+# tool turns activation checkpointing on, without it too), without and with its packing; the `ft: ...` ablation
+# rows switch one of finetune's defaults back (or one option on), so each shows what that choice is worth.
+COMPARISON = {
+    "finetune": ("finetune", False, []),
+    "finetune: packed": ("finetune", True, ["--set", "method.packing=true"]),
+    "trl": ("trl", False, ["--checkpointing", "default"]),
+    "trl: packed": ("trl", True, ["--checkpointing", "default", "--packing"]),
+    "trl: no checkpointing": ("trl", False, ["--checkpointing", "off"]),
+    "trl: packed, no checkpointing": ("trl", True, ["--checkpointing", "off", "--packing"]),
+    "axolotl": ("axolotl", False, []),
+    "axolotl: packed": ("axolotl", True, []),
+    "llamafactory": ("llamafactory", False, []),
+    "llamafactory: packed": ("llamafactory", True, []),
+    "llamafactory: no checkpointing": ("llamafactory", False, ["no-checkpointing"]),
+    "llamafactory: packed, no checkpointing": ("llamafactory", True, ["no-checkpointing"]),
+}
+ABLATIONS = {
+    "ft: padded batches": ["--set", "training.batching=padded"],
+    "ft: grouped batches": ["--set", "training.batching=grouped"],
     "ft: full LM-head metrics (TRL's)": ["--set", "training.token_metrics=true"],
     "ft: chunked LM head": ["--set", "training.lm_head=chunked"],
-    "ft: grouped batches": ["--set", "training.batching=grouped"],
-    "ft: padding-free batches": ["--set", "training.batching=padding_free"],
-    "ft: packed (bfd)": ["--set", "method.packing=true"],
     "ft: gradient checkpointing": ["--set", "training.gradient_checkpointing=true"],
     "ft: adamw_torch (not fused)": ["--set", "training.optimizer=adamw_torch"],
     "ft: torch.compile": ["--set", "training.compile=true"],
 }
-BASELINES = {"trl": ["--checkpointing", "default"], "trl: no checkpointing": ["--checkpointing", "off"]}
+PEERS = ("axolotl", "llamafactory")
 
 SHAPE_OPTIONS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "max_length", "batch", "steps",
                  "rows")
@@ -251,20 +273,22 @@ class Run:
     mfu: float = float("nan")
 
 
-def run_one(name: str, cmd: list[str], out: Path, env: dict, device: str, w: Workload, warmup: int) -> Run:
-    """Start one training process, wait for it, and read its metrics.jsonl."""
+def run_one(name: str, cmd: list[str], out: Path, env: dict, device: str, w: Workload, warmup: int,
+            metrics: Path | None = None) -> Run:
+    """Start one training process, wait for it, and read its step records (`metrics`, default out/metrics.jsonl)."""
     out.mkdir(parents=True, exist_ok=True)
+    metrics = metrics or out / "metrics.jsonl"
     log = out.with_suffix(".log")
     started = time.time()
     with log.open("w") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own peak RSS
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=out)
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's peak RSS (and its waited-for children's)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    if proc.returncode != 0 or not metrics.is_file():
         tail = log.read_text(errors="replace").splitlines()[-15:]
         print(f"  {name}: FAILED (exit {proc.returncode}); last lines of {log}:", *tail, sep="\n    ", file=sys.stderr)
         return Run(name, ok=False)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     records = [r for r in records if "loss" in r and "num_trained_tokens" in r]
     first, last = next(r for r in records if r["step"] >= warmup), records[-1]
     seconds = last["time"] - first["time"]
@@ -298,35 +322,48 @@ def median_run(runs: list[Run]) -> Run:
     return Run(ok[0].name, True, **{f: statistics.median(getattr(r, f) for r in ok) for f in fields})
 
 
-def table(results: list[Run], baseline: str, reference: str) -> str:
-    base = next((r for r in results if r.name == baseline and r.ok), None)
+def fastest_peer(results: list[Run], rows: dict, packing: bool) -> Run | None:
+    """The peer row (any tool but finetune) with the most real tokens/s, with or without packing."""
+    peers = [r for r in results if r.ok and rows[r.name][0] != "finetune" and rows[r.name][1] == packing]
+    return max(peers, key=lambda r: r.real_tps, default=None)
+
+
+def table(results: list[Run], rows: dict) -> str:
+    """The markdown table, each row against the fastest peer row with the same packing."""
     lines = [
-        "| run | first step (s) | s/step | CPU s/step | trained tok/s | real tok/s | total tok/s | peak mem (MiB) "
-        f"| MFU | mean loss | trained tok/s ÷ {baseline} | peak mem ÷ {baseline} |",
+        "| run | first step (s) | s/step | CPU s/step | real tok/s | trained tok/s | total tok/s | peak mem (MiB) "
+        "| MFU | mean loss | real tok/s ÷ fastest peer | peak mem ÷ fastest peer |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if not r.ok:
             lines.append(f"| {r.name} | failed |" + " |" * 11)
             continue
-        ratio = f"{r.trained_tps / base.trained_tps:.2f}×" if base else "n/a"
-        mem_ratio = f"{r.peak_bytes / base.peak_bytes:.2f}×" if base else "n/a"
-        bold = "**" if r.name in (baseline, reference) else ""
+        peer = fastest_peer(results, rows, rows[r.name][1])
+        ratio = f"{r.real_tps / peer.real_tps:.2f}×" if peer else "n/a"
+        mem_ratio = f"{r.peak_bytes / peer.peak_bytes:.2f}×" if peer else "n/a"
+        bold = "**" if rows[r.name][0] == "finetune" and not r.name.startswith("ft:") else ""
         lines.append(
             f"| {bold}{r.name}{bold} | {r.first_step_s:.1f} | {r.s_per_step:.3f} | {r.cpu_s_per_step:.3f} "
-            f"| {r.trained_tps:,.0f} "
-            f"| {r.real_tps:,.0f} | {r.total_tps:,.0f} | {r.peak_bytes / 2**20:,.0f} | {r.mfu:.1%} "
-            f"| {r.mean_loss:.3f} | {ratio} | {mem_ratio} |"
+            f"| {r.real_tps:,.0f} | {r.trained_tps:,.0f} | {r.total_tps:,.0f} | {r.peak_bytes / 2**20:,.0f} "
+            f"| {r.mfu:.1%} | {r.mean_loss:.3f} | {ratio} | {mem_ratio} |"
         )
-    ref = next((r for r in results if r.name == reference and r.ok), None)
-    if base and ref:
-        lines.append("")
-        lines.append(
-            f"{reference} vs {baseline}: trained tokens/s {ref.trained_tps / base.trained_tps:.2f}×, "
-            f"s/step {ref.s_per_step / base.s_per_step:.2f}×, first step {ref.first_step_s / base.first_step_s:.2f}×, "
-            f"peak memory {ref.peak_bytes / base.peak_bytes:.2f}×, MFU {ref.mfu / base.mfu:.2f}×."
-        )
+    lines += ["", *verdict(results, rows)]
     return "\n".join(lines)
+
+
+def verdict(results: list[Run], rows: dict) -> list[str]:
+    """One line per packing mode: finetune's defaults against the fastest peer (issue 17's goal: 1.5x)."""
+    out = []
+    for packing, name in ((False, "finetune"), (True, "finetune: packed")):
+        ours = next((r for r in results if r.name == name and r.ok), None)
+        peer = fastest_peer(results, rows, packing)
+        if ours and peer:
+            out.append(
+                f"{name} vs the fastest peer ({peer.name}): real tokens/s {ours.real_tps / peer.real_tps:.2f}×, "
+                f"first step {ours.first_step_s:.1f} s vs {peer.first_step_s:.1f} s, "
+                f"peak memory {ours.peak_bytes / peer.peak_bytes:.2f}×.")
+    return out
 
 
 def machine(device: str, threads: int) -> str:
@@ -355,13 +392,59 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state rates")
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds; the table shows medians")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: all CPUs)")
-    parser.add_argument("--only", help="comma-separated row names to run (e.g. trl,finetune)")
+    parser.add_argument("--only", help="comma-separated row names to run (default: the comparison rows)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                         help="an extra finetune row: its name and its `finetune train` arguments")
+    parser.add_argument("--peers-dir", type=Path, default=Path("/tmp/peers"),
+                        help="where scripts/bench_peer_venvs.sh installed axolotl and LLaMA-Factory")
     parser.add_argument("--workdir", type=Path, help="keep the model, data and runs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to --out")
     return parser.parse_args()
+
+
+def select_rows(args: argparse.Namespace) -> dict[str, tuple[str, bool, list[str]]]:
+    rows = dict(COMPARISON) | {n: ("finetune", False, a) for n, a in ABLATIONS.items()}
+    for item in args.variant:
+        name, _, rest = item.partition("=")
+        rows[name] = ("finetune", "method.packing=true" in rest, shlex.split(rest))
+    wanted = [n.strip() for n in args.only.split(",")] if args.only else list(COMPARISON) + [
+        v.partition("=")[0] for v in args.variant]
+    unknown = [n for n in wanted if n not in rows]
+    if unknown:
+        sys.exit(f"--only: unknown rows {unknown}; rows: {list(rows)}")
+    missing = sorted({rows[n][0] for n in wanted if rows[n][0] in PEERS
+                      and not peer_python(args.peers_dir, rows[n][0]).exists()})
+    if missing:
+        print(f"skipping {missing}: no venv under {args.peers_dir} (run scripts/bench_peer_venvs.sh)", file=sys.stderr)
+    return {n: rows[n] for n in wanted if rows[n][0] not in missing}
+
+
+def tool_versions(rows: dict, peers_dir: Path) -> list[str]:
+    """One line per tool in the table: its version and the libraries it trains with."""
+    lines = []
+    for tool in dict.fromkeys(kind for kind, _, _ in rows.values()):
+        found = versions(peer_python(peers_dir, tool) if tool in PEERS else Path(sys.executable), tool)
+        lines.append(f"  - {tool}: " + ", ".join(f"{k} {v}" for k, v in found.items()))
+    return lines
+
+
+def command_for(name: str, row, w: Workload, root: Path, out: Path, paths, env: dict, args, threads: int):
+    """(command, environment, metrics file) of one row."""
+    tool, packing, extra = row
+    model_dir, data, recipe = paths
+    if tool == "finetune":
+        return [sys.executable, "-m", "finetune", "train", str(recipe), "--set", f"output.dir={out}", *extra], env, None
+    if tool == "trl":
+        baseline = [sys.executable, str(REPO / "scripts" / "bench_trl_baseline.py"), "--model", str(model_dir),
+                    "--data", str(data), "--batch", str(w.batch), "--max-length", str(w.max_length),
+                    "--steps", str(w.steps), "--lr", str(w.lr), "--lora-r", str(w.lora_r),
+                    "--lora-alpha", str(w.lora_alpha), "--lora-dropout", str(w.lora_dropout), "--seed", str(w.seed)]
+        return baseline + ["--out", str(out)] + extra, env, None
+    run = peer_run(tool, w, root, model_dir, data, out, packing=packing,
+                   checkpointing=False if "no-checkpointing" in extra else None, peers_dir=args.peers_dir,
+                   threads=threads)
+    return run.command, run.env, run.metrics
 
 
 def main() -> None:
@@ -376,44 +459,26 @@ def main() -> None:
     w.rows = w.rows or w.batch * w.steps
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-
-    variants: dict[str, tuple[str, list[str]]] = {n: ("trl", a) for n, a in BASELINES.items()}
-    variants |= {n: ("finetune", a) for n, a in DEFAULT_VARIANTS.items()}
-    for item in args.variant:
-        name, _, rest = item.partition("=")
-        variants[name] = ("finetune", shlex.split(rest))
-    if args.only:
-        wanted = [n.strip() for n in args.only.split(",")]
-        unknown = [n for n in wanted if n not in variants]
-        if unknown:
-            sys.exit(f"--only: unknown rows {unknown}; rows: {list(variants)}")
-        variants = {n: variants[n] for n in wanted}
+    rows = select_rows(args)
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"building the workload in {root} ({preset} preset, {device})", file=sys.stderr)
     model_dir, data = build_workload(w, root, device)
-    recipe = write_recipe(w, root, model_dir, data)
+    paths = (model_dir, data, write_recipe(w, root, model_dir, data))
     peak = measure_matmul_peak(device)
     print(f"matmul peak: {peak / 1e9:,.1f} GFLOP/s ({threads} threads; measured again at the end)", file=sys.stderr)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    baseline = [sys.executable, str(REPO / "scripts" / "bench_trl_baseline.py"), "--model", str(model_dir),
-                "--data", str(data), "--batch", str(w.batch), "--max-length", str(w.max_length),
-                "--steps", str(w.steps), "--lr", str(w.lr), "--lora-r", str(w.lora_r),
-                "--lora-alpha", str(w.lora_alpha), "--lora-dropout", str(w.lora_dropout), "--seed", str(w.seed)]
-    runs: dict[str, list[Run]] = {name: [] for name in variants}
+    runs: dict[str, list[Run]] = {name: [] for name in rows}
     for repeat in range(args.repeats):
-        for name, (kind, extra) in variants.items():
-            out = root / "runs" / f"{len(runs[name])}-{name.replace(' ', '_').replace(':', '').replace('.', '')}"
-            if kind == "trl":
-                cmd = baseline + ["--out", str(out)] + extra
-            else:
-                cmd = [sys.executable, "-m", "finetune", "train", str(recipe), "--set", f"output.dir={out}", *extra]
+        for name, row in rows.items():
+            out = root / "runs" / f"{len(runs[name])}-{name.replace(' ', '_').replace(':', '').replace(',', '')}"
+            cmd, run_env, metrics = command_for(name, row, w, root, out, paths, env, args, threads)
             print(f"[{repeat + 1}/{args.repeats}] {name}", file=sys.stderr)
-            runs[name].append(run_one(name, cmd, out, env, device, w, args.warmup))
+            runs[name].append(run_one(name, cmd, out, run_env, device, w, args.warmup, metrics))
 
     # Measured again at the end, the best of both: load from other work can only lower it.
     peak = max(peak, measure_matmul_peak(device))
@@ -428,6 +493,8 @@ def main() -> None:
         "",
         f"- command: `{command.strip()}`",
         f"- machine: {machine(device, threads)}",
+        "- versions:",
+        *tool_versions(rows, args.peers_dir),
         f"- matmul peak: {peak / 1e9:,.1f} GFLOP/s ({'bf16' if device == 'cuda' else 'fp32'}, measured)",
         f"- model: Llama-shaped, hidden {w.hidden}, {w.layers} layers, {w.heads} heads ({w.kv_heads} KV), "
         f"intermediate {w.intermediate}, vocab {w.vocab}: {frozen / 1e6:,.1f}M matmul parameters, "
@@ -438,7 +505,7 @@ def main() -> None:
         f"median of {args.repeats} alternating runs",
         f"- model FLOPs per real token: {w.flops_per_real_token() / 1e6:,.1f}M (see the notes at the top)",
         "",
-        table(results, "trl", "finetune"),
+        table(results, rows),
         "",
     ])
     print(report)

@@ -8,7 +8,7 @@ timestamp to `<out>/metrics.jsonl`, and a counter of trained and input tokens wr
 
 Usage (bench_train.py runs it): python scripts/bench_trl_baseline.py --model DIR --data FILE --out DIR
     [--batch 8] [--max-length 512] [--steps 40] [--lr 1e-4] [--lora-r 16] [--lora-alpha 32] [--lora-dropout 0.05]
-    [--checkpointing default|on|off]
+    [--checkpointing default|on|off] [--packing]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> None:
         "--checkpointing", choices=["default", "on", "off"], default="default",
         help="Activation checkpointing; 'default' keeps TRL's default (on).",
     )
+    parser.add_argument("--packing", action="store_true", help="TRL's packing (its default strategy, bfd).")
     args = parser.parse_args()
 
     import torch
@@ -69,6 +70,7 @@ def main() -> None:
         bf16=bf16,
         seed=args.seed,
         disable_tqdm=True,
+        packing=args.packing,
         **extra,
     )
     counted = {"num_trained_tokens": 0, "num_input_tokens": 0}
