@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from finetune.run.layout import RunDir
 from tests.conftest import REPO, invoke_cli
+from tests.test_rundir import write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -47,21 +47,7 @@ def runs_on_inference(kinds):
 
 
 def recipe(tmp: Path, name: str, adapter: dict, **sections) -> Path:
-    data = {
-        "name": name,
-        "model": {"path": "builtin:tiny-llama"},
-        "data": {"train": [{"path": "builtin:sample_chat.jsonl", "max_rows": 16}],
-                 "eval": [{"path": "builtin:sample_eval_chat.jsonl", "max_rows": 2}]},
-        "method": {"kind": "sft"},
-        "adapter": adapter,
-        "training": {"learning_rate": 1e-2, "max_steps": 2, "micro_batch_size": 4, "max_length": 96,
-                     "warmup_ratio": 0.0, "logging_steps": 1},
-        "output": {"dir": str(tmp / "runs" / name)},
-        **sections,
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_recipe(tmp, name, adapter=adapter, **sections)
 
 
 def check(result, *argv):
