@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.model import tiny
+from finetune.model import builtin, tiny
 
 torch.set_num_threads(1)
 
@@ -152,7 +152,7 @@ def test_build_does_not_disturb_global_rng():
 
 def read_rows(name: str) -> list[dict]:
     """Parse one shipped JSONL file."""
-    path = tiny.BUILTIN_DATA_DIR / name
+    path = builtin.BUILTIN_DATA_DIR / name
     assert path.stat().st_size < 100_000
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -220,4 +220,4 @@ def test_shipped_data_matches_generator(tmp_path):
         pytest.skip("installed without the repository's scripts/")
     subprocess.run([sys.executable, str(script), "--out-dir", str(tmp_path)], check=True, capture_output=True)
     for name in tiny.TOKENIZER_CORPUS_FILES:
-        assert (tmp_path / name).read_bytes() == (tiny.BUILTIN_DATA_DIR / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (builtin.BUILTIN_DATA_DIR / name).read_bytes(), name

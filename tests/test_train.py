@@ -62,7 +62,7 @@ def test_sft_lora_trains_and_writes_the_run_directory(lora_run):
     for name in ("recipe.yaml", "audit.json", "metrics.jsonl", "summary.json",
                  "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/chat_template.jinja"):
         assert (lora_run / name).is_file(), name
-    audit = json.loads((lora_run / "audit.json").read_text())
+    audit = json.loads((lora_run / "audit.json").read_text())["datasets"]
     assert audit[0]["rows"] == 64 and 0 < audit[0]["trained_fraction"] < 1
     assert load_recipe(lora_run / "recipe.yaml").recipe.adapter.r == 8  # the resolved recipe reloads
 

@@ -10,8 +10,12 @@ from finetune.errors import UserError
 from finetune.logs import stderr
 
 
-def vllm_command(source: Path, *, name: str | None = None) -> str:
-    """The `vllm serve` command that serves the base with this adapter hot-swappable as `name`."""
+def vllm_command(source: str | Path, *, name: str | None = None) -> str:
+    """The `vllm serve` command that serves the base with this adapter hot-swappable as `name`.
+
+    For a run that continued an earlier run's adapter the base is the true base of the chain
+    (finetune.run.resolve); for one trained on an earlier run's merge, that merge.
+    """
     from finetune.inference.load import resolve_source
 
     resolved = resolve_source(str(source))

@@ -566,8 +566,7 @@ Adapter = Annotated[
     | Annotated[PrefixTuningAdapter, Tag("prefix_tuning")],
     Discriminator(_adapter_kind),
 ]
-# Kinds whose adapter can be folded into the base weights (prompt/prefix tuning add inputs, not weights).
-MERGEABLE_KINDS = ("lora", "qlora", "adalora", "ia3")
+
 
 class TrainingSection(Section):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")

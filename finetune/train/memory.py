@@ -179,11 +179,12 @@ def read_shape(config_path: Path) -> ModelShape:
     )
 
 
-def load_shape(model_path: str, revision: str | None = None) -> ModelShape:
-    """Resolve builtin names, find config.json and read it."""
-    from finetune.model.builtin import resolve_model_path
+def load_shape(recipe: Recipe) -> ModelShape:
+    """The shape of the model a recipe trains: model.path resolved (builtin names, earlier runs), its config.json."""
+    from finetune.model.start import resolve_start
 
-    return read_shape(find_config(resolve_model_path(model_path), revision))
+    start = resolve_start(recipe)
+    return read_shape(find_config(start.base, start.revision))
 
 
 # --- the estimate -----------------------------------------------------------------------------------------------
@@ -428,7 +429,7 @@ def render(recipe_name: str, shape: ModelShape, est: Estimate, *, budget: float 
 def plan_report(recipe: Recipe, source: str, *, gpu_memory: str | None = None, processes: int | None = None,
                 zero_stage: int | None = None) -> tuple[str, bool | None]:
     """`finetune plan`: the table and verdict, and whether it fits (None when no budget is known)."""
-    shape = load_shape(recipe.model.path, recipe.model.revision)
+    shape = load_shape(recipe)
     sharding = sharding_from_recipe(recipe, processes, zero_stage)
     if gpu_memory is not None:
         device, memory, label = "cuda", parse_size(gpu_memory), f"--gpu-memory {gpu_memory}"
