@@ -19,6 +19,7 @@ from finetune.data.templates import BUILTIN_TEMPLATES
 from finetune.model.builtin import BUILTIN_MODELS, read_record, resolve_model_path
 from finetune.model.wheel_gguf import SMOLLM2_135M_INSTRUCT as SMOLLM2
 from finetune.run.layout import RunDir
+from finetune.run.records import read_merge_report
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -104,15 +105,15 @@ def exported(smollm2, tmp_path_factory) -> dict:
     gguf = work / "smollm2-dates.gguf"
     export = run_cli("export", str(run.root), "--format", "gguf", "--quant", "f32", "--out", str(gguf), cwd=work)
     assert export.returncode == 0, export.stderr
-    return {"run": run, "merged": run.merged, "gguf": gguf}
+    return {"run": run, "merged": run.merged.root, "gguf": gguf}
 
 
 def test_sft_merge_export_on_the_real_model(exported):
     run = exported["run"]
     losses = [row["loss"] for row in map(json.loads, run.metrics.read_text().splitlines()) if "loss" in row]
     assert len(losses) == 3 and losses[-1] < losses[0]  # lr 1e-3 moves this model within 3 steps
-    report = json.loads(run.merge_report.read_text())
-    assert report["greedy_generations_agree"] and report["max_abs_logit_diff"] < 1e-3, report
+    report = read_merge_report(run.merged)
+    assert report.greedy_generations_agree and report.max_abs_logit_diff < 1e-3, report
     from gguf import GGUFReader  # llama.cpp's own Python reader of the format
 
     fields = GGUFReader(exported["gguf"]).fields
@@ -128,7 +129,8 @@ def test_sft_merge_export_on_the_real_model(exported):
 def test_llamacpp_runs_the_exported_gguf_like_transformers(exported):
     import xllamacpp
 
-    question = [{"role": "user", "content": "Convert this date to YYYY-MM-DD: March 3rd, 2021"}]
+    # Two spaces before digits: split as SmolLM2 splits ("ĠĠ", "2", ...) only with its Digits pre-tokenizer step.
+    question = [{"role": "user", "content": "Convert this date to YYYY-MM-DD: March 3rd,  2021"}]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(exported["merged"])
