@@ -23,6 +23,7 @@ RECIPE = str(REPO / "recipes/tiny/sft_lora.yaml")
         ["init", "{tmp}/new.yaml"],
         ["train", "--help"],
         ["--version"],
+        ["models"],
     ],
     ids=lambda a: " ".join(a[:1]),
 )
