@@ -233,6 +233,14 @@ RULES = [
         "named JSON)",
     ),
     Rule(
+        "adapter.kind",
+        lambda c: c.recipe.adapter.kind == "adalora" and c.d.strategy in ("deepspeed", "fsdp"),
+        "AdaLoRA's rank allocation and orthogonality penalty run outside {c.d.strategy}'s engine: they read whole "
+        "parameters and gradients, which ZeRO/FSDP hold as shards (empty on most processes under ZeRO-3), and add "
+        "a backward pass the engine does not reduce",
+        "use distributed.strategy: ddp for AdaLoRA, or adapter.kind: lora with {c.d.strategy}",
+    ),
+    Rule(
         "adapter.quant_storage",
         lambda c: c.recipe.adapter.kind == "qlora" and c.sharded_by is not None
         and c.recipe.adapter.quant_storage != c.recipe.model.dtype,
