@@ -45,10 +45,19 @@ class Record(BaseModel):
     format_version: int = FORMAT_VERSION
 
 
-class Summary(Record):
-    """summary.json: the outcome of a finished run.
+class ResumePoint(BaseModel):
+    """One resume of a run: the step it continued from, and when (UTC)."""
 
-    Extra keys are the trainer's own metrics (train_loss, train_runtime, ...), which differ by method.
+    step: int
+    at: str
+
+
+class Summary(Record):
+    """summary.json: the outcome of a finished run, over all its segments when it was resumed.
+
+    train_seconds, tokens and first_and_last cover the whole run; resumes lists every resume point.
+    Extra keys are the trainer's own metrics (train_loss, train_runtime, ...), which differ by method and
+    cover the last segment only.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -56,6 +65,8 @@ class Summary(Record):
     method: str
     train_seconds: float
     global_step: int
+    tokens: dict[str, int] | None = None  # num_trained_tokens, num_input_tokens, num_tokens (SFT)
+    resumes: list[ResumePoint] = []
     final_loss: float | None = None
     eval_loss: float | None = None
     eval_perplexity: float | None = None

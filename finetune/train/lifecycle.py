@@ -129,6 +129,7 @@ class RunLifecycle:
             result = trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
         state = trainer.state
         if stop.requested and state.global_step < state.max_steps:
+            _wait_for_all_processes()  # the main process has committed the checkpoint once all are here
             saved = self.run.checkpoint(state.global_step)
             self._record(records.INTERRUPTED, {"global_step": state.global_step, "checkpoint": str(saved)})
             raise RunInterrupted(
@@ -187,3 +188,11 @@ def schedule(recipe: Recipe, trainer) -> tuple[int, int]:
     t = recipe.training
     per_epoch = math.ceil(math.ceil(len(trainer.train_dataset) / t.micro_batch_size) / t.gradient_accumulation_steps)
     return t.max_steps or math.ceil(per_epoch * t.epochs), per_epoch
+
+
+def _wait_for_all_processes() -> None:
+    """A barrier in a launched run (every process stops at the same, agreed step); nothing in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -53,9 +53,10 @@ def training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> d
 
 
 def _callbacks(run_dir: Path):
+    from finetune.train.bookkeeping import RunBookkeeping
     from finetune.train.progress import MetricsLog, ProgressDisplay
 
-    return [ProgressDisplay(), MetricsLog(RunDir(run_dir).metrics)]
+    return [RunBookkeeping(), ProgressDisplay(), MetricsLog(RunDir(run_dir).metrics)]
 
 
 def _quiet_default_printer(trainer) -> None:
