@@ -40,7 +40,7 @@ def merge(
 def export(
     source: Path = typer.Argument(..., help="A run directory, a merged or full model directory, or an adapter."),
     format: str = typer.Option(..., "--format", help="gguf (llama.cpp, Ollama) or vllm (print a serve command)."),
-    quant: str = typer.Option("f16", "--quant", help="GGUF weight type: f16, q8_0 or f32."),
+    quant: str = typer.Option("f16", "--quant", help="GGUF weight type: f16, bf16, q8_0 or f32."),
     out: Path | None = typer.Option(None, "--out", help="GGUF file to write (default: next to the model)."),
     name: str | None = typer.Option(None, "--name", help="vllm: the adapter's served name (default: the run name)."),
 ) -> None:
