@@ -79,8 +79,32 @@ def test_merge_shards_and_carries_tokenizer_template_card_and_provenance(merged,
         assert (merged / name).is_file(), name
     assert (merged / "provenance/recipe.yaml").read_text() == (run / "recipe.yaml").read_text()
     assert (merged / "provenance/audit.json").is_file()
-    card = (merged / "README.md").read_text()
-    assert card.startswith("---\nbase_model: ") and "greedy generations agree: yes" in card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card = ModelCard.load(merged / "README.md")
+    assert isinstance(card.data, ModelCardData) and card.data.library_name == "transformers"
+    assert card.data.base_model is None  # a local base means nothing to the Hub: named in the text instead
+    assert base_path() in card.text and "passed the limits" in card.text and "finetune-recipes" in card.text
+    assert "pypi.org/project/finetune/" not in card.content
+
+
+def test_cards_have_valid_hub_metadata(run, tmp_path):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import validate_repo_id
+
+    from finetune.run.card import write_card
+
+    adapter_card = ModelCard.load(run / "adapter" / "README.md")
+    assert adapter_card.data.library_name == "peft" and adapter_card.data.base_model is None
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert len(provenance["base_model"]["sha256"]) == 64  # a local base: identified by its content
+    assert provenance["base_model"]["sha256"][:16] in adapter_card.text
+    provenance["recipe"]["model"]["path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    write_card(tmp_path, provenance, kind="adapter")
+    hub = ModelCard.load(tmp_path / "README.md")
+    validate_repo_id(hub.data.base_model)
+    assert hub.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert ModelCard(hub.content).data.to_dict() == hub.data.to_dict()  # the metadata parses back as written
 
 
 def _adapter_copy(run: Path, tmp_path: Path, base: str, **config) -> Path:
@@ -335,3 +359,39 @@ def test_lm_eval_local_task_runs_on_base_and_tuned(run, tmp_path, monkeypatch):
 def test_bad_input_exits_2_before_loading_a_model(argv, message, tmp_path):
     result = run_cli(*argv, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+# --- merge gate --------------------------------------------------------------------------------
+
+
+def test_merge_over_its_limit_exits_non_zero_and_leaves_nothing(run, tmp_path, monkeypatch):
+    from finetune.merge import bake
+
+    monkeypatch.setitem(bake.GATES, "float32", {"max_abs_logit_diff": 1e-12})  # a limit no real merge meets
+    with pytest.raises(bake.MergeCheckFailed, match=r"max_abs_logit_diff .* \(limit 1e-12\).*Nothing was written"):
+        bake.run_merge(run, out=tmp_path / "m", log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []  # no output, no partial directory
+    with pytest.raises(bake.MergeCheckFailed, match="Kept anyway"):
+        bake.run_merge(run, out=tmp_path / "m", keep_failed=True, log=lambda _: None)
+    report = json.loads((tmp_path / "m/merge_report.json").read_text())
+    assert report["gate"]["passed"] is False and report["top_token_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_merge_passes_its_gate(run, tmp_path, dtype):
+    from finetune.merge.bake import run_merge
+
+    out = run_merge(run, out=tmp_path / "m", dtype=dtype, log=lambda _: None)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["saved_dtype"] == dtype and report["gate"]["passed"], report["gate"]
+
+
+def test_qlora_merge_reports_its_distance_to_the_4bit_model(tmp_path, torch_one_thread):
+    pytest.importorskip("bitsandbytes")
+    from finetune.merge.bake import run_merge
+
+    qlora = train(make_recipe(tmp_path, "q", adapter={"kind": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}))
+    report = json.loads((run_merge(qlora, log=lambda _: None) / "merge_report.json").read_text())
+    trained = report["vs_trained_4bit_model"]
+    assert report["max_abs_logit_diff"] < 1e-3  # the merge itself is exact
+    assert trained["mean_abs_logit_diff"] > 10 * report["mean_abs_logit_diff"]  # 4-bit rounding of the base

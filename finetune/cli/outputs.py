@@ -25,15 +25,18 @@ def merge(
     max_shard_size: str = typer.Option(
         "5GB", "--max-shard-size", help="Largest safetensors file (e.g. 5GB, 500MB); bigger models are sharded."
     ),
+    keep_failed: bool = typer.Option(
+        False, "--keep-failed", help="Keep the merge even if it fails the merge check (still exits non-zero)."
+    ),
 ) -> None:
-    """Bake an adapter (LoRA family, AdaLoRA, IA³) into its base model and save it as safetensors, verified."""
+    """Bake an adapter (LoRA family, AdaLoRA, IA³) into its base model, save it as safetensors, verify and gate it."""
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype: expected float32, bfloat16 or float16, found {dtype!r}")
     if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)", max_shard_size):
         raise UserError(f"--max-shard-size: expected a size like 5GB or 500MB, found {max_shard_size!r}")
     from finetune.merge.bake import run_merge
 
-    run_merge(source, out=out, dtype=dtype, max_shard_size=max_shard_size)
+    run_merge(source, out=out, dtype=dtype, max_shard_size=max_shard_size, keep_failed=keep_failed)
 
 
 @app.command()

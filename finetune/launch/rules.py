@@ -161,7 +161,7 @@ RULES = [
         "distributed.strategy",
         lambda c: c.d.strategy == "deepspeed" and not c.machine.deepspeed_installed,
         "strategy 'deepspeed' needs the deepspeed package, which is not installed",
-        "pip install 'finetune[deepspeed]'",
+        "pip install 'finetune-recipes[deepspeed]'",
     ),
     Rule(
         "distributed.strategy",

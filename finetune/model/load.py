@@ -61,7 +61,7 @@ def check_quantisation_available(recipe: Recipe) -> None:
     if recipe.adapter.kind == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
             "adapter.kind: 'qlora' needs the bitsandbytes package, which is not installed; "
-            "install it with: pip install 'finetune[qlora]'"
+            "install it with: pip install 'finetune-recipes[qlora]'"
         )
 
 

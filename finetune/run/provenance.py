@@ -1,4 +1,4 @@
-"""Provenance of a run: what produced it, on what, from which data; and a model card for its output.
+"""Provenance of a run: what produced it, on what base (revision or content hash), from which data.
 
 `<run>/provenance.json` is written when the run starts (status "running") and rewritten when it
 ends (completed, interrupted or failed, with the final metrics). Everything in it passes
@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from finetune import __version__
 from finetune.data.sources import sha256_file
@@ -65,6 +63,27 @@ def git_revision(directory: Path) -> dict[str, Any] | None:
     return {"repository": root, "revision": revision, "dirty": dirty}
 
 
+def base_identity(spec: str, revision: str | None) -> dict[str, Any]:
+    """What the base model is: a Hub id and its revision, or a local model's content sha256 (config and weights).
+
+    Hashing reads every weight file once (~1 GB/s: seconds for a 7B model), so a card can say exactly which
+    local weights an adapter belongs to.
+    """
+    import hashlib
+
+    from finetune.model.builtin import resolve_model_path
+
+    path = Path(resolve_model_path(spec))
+    if not path.is_dir():
+        return {"id": spec, "revision": revision or "main"}
+    if not (path / "config.json").is_file():
+        return {"path": str(path), "note": "a run directory: see its provenance.json"}
+    digest = hashlib.sha256()
+    for file in sorted([path / "config.json", *path.glob("*.safetensors"), *path.glob("*.bin")]):
+        digest.update(f"{file.name}:{sha256_file(file)}\n".encode())
+    return {"path": spec, "sha256": digest.hexdigest()}
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "finetune": __version__}
     for name in PACKAGES:
@@ -110,6 +129,7 @@ def start_provenance(recipe: Recipe, source: Path | None, data: list[dict[str, A
         "git": git_revision(source.resolve().parent) if source else None,
         "resumed_from": resumed_from,
         "recipe": recipe.model_dump(mode="json"),
+        "base_model": base_identity(recipe.model.path, recipe.model.revision),
         "data": data,
         "packages": package_versions(),
         "hardware": hardware(),
@@ -128,68 +148,8 @@ def write_provenance(provenance: dict[str, Any], path: Path) -> None:
     write_atomic(path, json.dumps(redact(provenance), indent=2, default=str) + "\n")
 
 
-def model_card(provenance: dict[str, Any], *, merged: bool = False) -> str:
-    """A README.md for the adapter (or model, or merged model) directory, from the run's provenance."""
-    provenance = redact(provenance)
-    recipe, metrics = provenance["recipe"], provenance.get("metrics") or {}
-    adapter, training, method = recipe["adapter"], recipe["training"], recipe["method"]
-    base = recipe["model"]["path"]
-    is_adapter = adapter["kind"] != "full" and not merged
-    front = {"library_name": "peft" if is_adapter else "transformers", "tags": ["finetune", method["kind"],
-                                                                              adapter["kind"]]}
-    if base.count("/") == 1 and not Path(base).exists():
-        front["base_model"] = base  # a Hub id; a local path means nothing to the Hub
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {recipe['name']}", ""]
-    what = (f"A model merged from a {adapter['kind'].upper()} adapter" if merged
-            else f"A {adapter['kind'].upper()} adapter" if is_adapter else "A fully fine-tuned model")
-    lines += [f"{what} for `{base}`, trained with {method['kind'].upper()} by "
-              f"finetune {provenance['finetune_version']}.", ""]
-    lines += ["## Data", "", "| dataset | path | sha256 |", "|---|---|---|"]
-    lines += [f"| {d['key']} | `{Path(d['path']).name}` | {(d.get('sha256') or 'not hashed')[:16]} |"
-              for d in provenance["data"]]
-    steps = f"{training['max_steps']} steps" if training["max_steps"] else f"{training['epochs']} epochs"
-    lines += ["", "## Training", "",
-              f"- learning rate {training['learning_rate']} ({training['lr_scheduler']}), {steps}, "
-              f"micro batch {training['micro_batch_size']} x {training['gradient_accumulation_steps']} accumulation, "
-              f"max length {training['max_length']}, seed {training['seed']}"]
-    if adapter["kind"] != "full":  # the fields differ by kind (r for LoRA, init_r for AdaLoRA, none for IA3 ...)
-        settings = [f"{key} {value}" for key, value in adapter.items() if key != "kind" and value not in (None, [], {})]
-        lines.append(f"- {adapter['kind']} adapter: {', '.join(settings)}")
-    shown = {k: v for k, v in metrics.items() if k in ("global_step", "train_loss", "final_loss", "eval_loss",
-                                                        "eval_perplexity", "train_seconds")}
-    if shown:
-        lines += ["", "## Results", "", *[f"- {k}: {v}" for k, v in shown.items()]]
-    if is_adapter:
-        lines += ["", "## Use", "", "```python",
-                  "from peft import AutoPeftModelForCausalLM",
-                  "from transformers import AutoTokenizer",
-                  "",
-                  'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory")',
-                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-                  "```", "", "Or bake it into the base: `finetune merge <run directory>`."]
-    else:
-        lines += ["", "## Use", "", "```python",
-                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  "",
-                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
-                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-                  "```"]
-    if merged and provenance.get("merge"):
-        report = provenance["merge"]
-        lines += ["", "## Merge check", "",
-                  f"Saved in {report['saved_dtype']} (base {report['base_dtype']}); logits vs the adapter model: max "
-                  f"abs diff {report['max_abs_logit_diff']:.2e}; greedy generations agree: "
-                  f"{report['greedy_generations_agree']} (`merge_report.json`)."]
-    lines += ["", "## Provenance", "",
-              f"Package versions, hardware, data hashes and the resolved recipe: `provenance.json` in the run "
-              f"directory. Recipe file: `{provenance.get('recipe_file')}`"
-              + (f", git {provenance['git']['revision'][:12]}{' (dirty)' if provenance['git']['dirty'] else ''}"
-                 if provenance.get("git") else "") + "."]
-    return "\n".join(lines) + "\n"
-
-
 def carry_into_merged(run_dir: Path, out: Path, merge_report: dict[str, Any]) -> None:
-    """Give a merged model its run's provenance, with the merge report (the card is model_card.carry_over's)."""
+    """Give a merged model its run's provenance, with the merge report (the card is run.card.carry_over's)."""
     source = run_dir / "provenance.json"
     if not source.is_file():
         return  # a run from before provenance existed

@@ -33,7 +33,7 @@ from finetune.run.checkpoints import (
     write_atomic,
 )
 from finetune.run.lock import claim_run_dir
-from finetune.run.provenance import finish_provenance, hash_data, model_card, start_provenance, write_provenance
+from finetune.run.provenance import finish_provenance, hash_data, start_provenance, write_provenance
 from finetune.train.checks import check_disk, plan_disk
 from finetune.train.interrupt import RunInterrupted, StopRequest
 from finetune.train.trackers import tracker_env
@@ -166,7 +166,9 @@ class RunLifecycle:
         """Record the run as completed and write the model card next to its adapter or model."""
         self._record("completed", summary)
         if self.main:
-            (artifact_dir / "README.md").write_text(model_card(self.provenance), encoding="utf-8")
+            from finetune.run.card import write_card
+
+            write_card(artifact_dir, self.provenance, kind="model" if self.recipe.adapter.kind == "full" else "adapter")
 
 
 def schedule(recipe: Recipe, trainer) -> tuple[int, int]:

@@ -16,9 +16,9 @@ from pathlib import Path
 from finetune.errors import UserError
 from finetune.recipe.schema import Recipe
 
-PACKAGES = {"wandb": ("wandb", "pip install 'finetune[wandb]'"),
-            "tensorboard": ("tensorboard", "pip install 'finetune[tensorboard]'"),
-            "mlflow": ("mlflow", "pip install 'finetune[mlflow]'")}
+PACKAGES = {"wandb": ("wandb", "pip install 'finetune-recipes[wandb]'"),
+            "tensorboard": ("tensorboard", "pip install 'finetune-recipes[tensorboard]'"),
+            "mlflow": ("mlflow", "pip install 'finetune-recipes[mlflow]'")}
 
 
 def _wandb_has_key() -> bool:
