@@ -39,13 +39,13 @@ def test_every_adapter_kind_answers_in_chat(runs, kind):
     result = chat(str(runs[kind]), script="What is the capital of France?\n/base\nWhat is the capital of France?\n")
     assert result.returncode == 0, result.stderr
     tuned, base = result.stdout.splitlines()
-    assert f"chatting with adapter {runs[kind].name.replace('-', '_')}" in result.stderr
+    assert f"chatting with adapter {runs[kind].name}" in result.stderr
     assert tuned != base or kind == "adalora", result.stdout  # 4 steps of AdaLoRA barely move the tiny model
 
 
 def test_adapters_of_one_kind_switch_on_one_base(runs):
     result = chat(str(runs["prompt_tuning"]), "--adapter", f"other={runs['prompt_tuning']}",
-                  script="What is 3 plus 4?\n/adapter other\nWhat is 3 plus 4?\n")
+                  script="What is 3 plus 4?\n/reset\n/adapter other\nWhat is 3 plus 4?\n")
     assert result.returncode == 0, result.stderr
     first, other = result.stdout.splitlines()
     assert first == other  # the same adapter under two names answers the same
