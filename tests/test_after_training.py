@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,9 @@ def test_merge_shards_and_carries_tokenizer_template_card_and_provenance(merged,
     assert report["max_abs_logit_diff"] < 1e-4 and report["greedy_generations_agree"]
     for name in ("chat_template.jinja", "tokenizer.json", "generation_config.json", "README.md"):
         assert (merged / name).is_file(), name
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert merged.stat().st_mode & 0o777 == 0o777 & ~umask  # not the owner-only mode of its temporary directory
     assert (merged / "provenance/recipe.yaml").read_text() == (run / "recipe.yaml").read_text()
     assert (merged / "provenance/audit.json").is_file()
     from huggingface_hub import ModelCard, ModelCardData
@@ -93,14 +97,16 @@ def test_cards_have_valid_hub_metadata(run, tmp_path):
     from huggingface_hub.utils import validate_repo_id
 
     from finetune.run.card import write_card
+    from finetune.run.records import Provenance
 
     adapter_card = ModelCard.load(run / "adapter" / "README.md")
     assert adapter_card.data.library_name == "peft" and adapter_card.data.base_model is None
     provenance = json.loads((run / "provenance.json").read_text())
     assert len(provenance["base_model"]["sha256"]) == 64  # a local base: identified by its content
     assert provenance["base_model"]["sha256"][:16] in adapter_card.text
-    provenance["recipe"]["model"]["path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    write_card(tmp_path, provenance, kind="adapter")
+    provenance["recipe"]["model"]["path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"  # as a run on a Hub base records it
+    provenance["base_model"] = {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "main"}
+    write_card(tmp_path, Provenance.model_validate(provenance), kind="adapter")
     hub = ModelCard.load(tmp_path / "README.md")
     validate_repo_id(hub.data.base_model)
     assert hub.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -351,7 +357,7 @@ def test_lm_eval_local_task_runs_on_base_and_tuned(run, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["export", ".", "--format", "zip"], "--format: expected gguf or vllm, found 'zip'"),
-    (["export", "nowhere", "--format", "gguf"], "nowhere: no such run, model or adapter directory"),
+    (["export", "nowhere", "--format", "gguf"], "nowhere: no such directory"),
     (["chat", "builtin:tiny-llama", "--adapter", "noequals"], "--adapter: expected NAME=PATH"),
     (["generate", "x", "--prompts", "missing.jsonl", "--out", "o.jsonl"], "no such file: missing.jsonl"),
     (["eval", "builtin:tiny-llama", "--adapter", "base=x"], "'base' is not a usable name"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -83,7 +82,10 @@ def test_eval_uses_the_rows_training_held_out(tmp_path, torch_one_thread):
 
     run = train(make_recipe(tmp_path, "held", data={"train": [{"path": "builtin:sample_chat.jsonl", "max_rows": 40}],
                                                      "eval_fraction": 0.25}, training={"max_steps": 2}))
-    held = json.loads((run / "audit.json").read_text())[0]["held_out"]
+    from finetune.run.layout import RunDir
+    from finetune.run.records import read_audit
+
+    held = read_audit(RunDir(run)).datasets[0]["held_out"]
     messages = []
     results = run_eval(str(run), max_new_tokens=4, log=messages.append)
     assert held == 10 and f"evaluating on the {held} rows training held out" in "\n".join(messages)

@@ -17,7 +17,7 @@ from tests.conftest import REPO, run_cli
 
 # recipe -> the --max-lora-rank the command needs (None: vLLM's default 16 suffices), or the refusal's words
 EXPECTED = {
-    "7b/qlora": None,  # r 16
+    "7b/qlora": None, "smollm2/dates_lora": None,  # r 16
     # r 32, the schema's default or set in the recipe
     "tiny/dpo_lora": 32, "tiny/dpo_qlora": 32, "tiny/kto_lora": 32, "tiny/orpo_lora": 32, "tiny/pretrain_text": 32,
     "tiny/sft_alpaca": 32, "tiny/sft_lora": 32, "tiny/sft_lora_zero3": 32, "tiny/sft_loraplus": 32, "tiny/sft_mix": 32,
@@ -53,6 +53,8 @@ def fake_run(recipe_path: Path, root: Path) -> Path:
     from finetune.run.layout import RunDir
 
     recipe = load_recipe(recipe_path).recipe
+    if recipe.model.path == "builtin:smollm2-135m":  # its weights are a 93 MB download; the rules read the adapter
+        recipe = load_recipe(recipe_path, ["model.path=builtin:tiny-llama"]).recipe
     run = RunDir.at(root / "runs" / recipe.name)
     run.root.mkdir(parents=True, exist_ok=True)
     run.recipe.write_text(dump_recipe(recipe))
@@ -68,6 +70,7 @@ def test_shipped_recipe_against_vllm_rules(recipe, tmp_path, monkeypatch):
     from finetune.export.vllm import vllm_command
 
     monkeypatch.chdir(tmp_path)  # chained recipes name runs/<earlier run>, relative to where finetune runs
+    (tmp_path / "configs").symlink_to(REPO / "configs")  # 7b/qlora's base: configs/models/llama-7b (config only)
     for earlier in ("sft_lora", "sft_qlora"):
         fake_run(REPO / "recipes/tiny" / f"{earlier}.yaml", tmp_path)
     run = fake_run(REPO / "recipes" / f"{recipe}.yaml", tmp_path)
@@ -89,7 +92,8 @@ def test_refusal_exits_non_zero_with_what_to_do(tmp_path, monkeypatch):
     run = fake_run(REPO / "recipes/tiny/sft_new_tokens.yaml", tmp_path)
     result = run_cli("export", str(run), "--format", "vllm", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr and not result.stdout
-    assert "finetune merge" in result.stderr and "train without adapter.modules_to_save" in result.stderr
+    assert f"finetune merge {run}`" in result.stderr and f"vllm serve {run / 'merged'}`" in result.stderr
+    assert "train without adapter.modules_to_save" in result.stderr
 
 
 def test_trained_template_is_passed_when_it_is_not_the_bases(tmp_path, monkeypatch):

@@ -13,8 +13,8 @@ from finetune.errors import UserError
 
 @app.command()
 def merge(
-    source: Path = typer.Argument(
-        ..., help="A run directory (from `finetune train`) or an adapter directory."
+    source: str = typer.Argument(
+        ..., help="A run directory (from `finetune train`), one of its checkpoints, or an adapter directory."
     ),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: <run>/merged)."),
     dtype: str | None = typer.Option(
@@ -25,6 +25,7 @@ def merge(
     max_shard_size: str = typer.Option(
         "5GB", "--max-shard-size", help="Largest safetensors file (e.g. 5GB, 500MB); bigger models are sharded."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier merge in the output directory."),
     keep_failed: bool = typer.Option(
         False, "--keep-failed", help="Keep the merge even if it fails the merge check (still exits non-zero)."
     ),
@@ -36,12 +37,13 @@ def merge(
         raise UserError(f"--max-shard-size: expected a size like 5GB or 500MB, found {max_shard_size!r}")
     from finetune.merge.bake import run_merge
 
-    run_merge(source, out=out, dtype=dtype, max_shard_size=max_shard_size, keep_failed=keep_failed)
+    run_merge(source, out=out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+              keep_failed=keep_failed)
 
 
 @app.command()
 def export(
-    source: Path = typer.Argument(..., help="A run directory, a merged or full model directory, or an adapter."),
+    source: str = typer.Argument(..., help="A run directory, a merged or full model directory, or an adapter."),
     format: str = typer.Option(..., "--format", help="gguf (llama.cpp, Ollama) or vllm (print a serve command)."),
     quant: str = typer.Option("f16", "--quant", help="GGUF weight type: f16, bf16, q8_0 or f32."),
     out: Path | None = typer.Option(None, "--out", help="GGUF file to write (default: next to the model)."),
@@ -53,8 +55,6 @@ def export(
 
         export_gguf(source, quant=quant, out=out)
     elif format == "vllm":
-        if not source.exists():
-            raise UserError(f"{source}: no such run or adapter directory")
         from finetune.export.vllm import vllm_command
 
         typer.echo(vllm_command(source, name=name))

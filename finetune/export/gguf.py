@@ -1,8 +1,11 @@
 """`finetune export --format gguf`: one GGUF file for llama.cpp/Ollama, merging an adapter first.
 
 Everything that can refuse the export (quant type, architecture, rope scaling, tokenizer) is
-checked before an adapter is merged or a byte is written. The written file is then loaded in
-llama.cpp itself, when it is installed, and must tokenise a prompt as transformers does.
+checked before an adapter is merged or a byte is written. The file records what it was made from
+(run.records.GGUF_SOURCE_*: the sha256 of the adapter, or of the model directory), and a run's
+`merged/` is reused only while it was made from the run's current adapter: a stale one is merged
+again, never exported silently. The written file is then loaded in llama.cpp itself, when it is
+installed, and must tokenise a prompt as transformers does.
 """
 
 from __future__ import annotations
@@ -25,13 +28,18 @@ class _Plan:
     tokenizer_dir: Path
     name: str  # GGUF general.name: the run's name, else the directory's
     out: Path  # the default output file
+    origin: Path  # what the file is made from: the adapter, or the model directory
+    digest: str  # content_sha256 of `origin`
     model_dir: Path | None = None  # None: merge `source` first
+    merge_note: str = ""  # why a merge is needed
+    replace_merge: bool = False  # a run's merged/ is stale (or absent): the merge replaces it
 
 
-def export_gguf(source: Path, *, quant: str = "f16", out: Path | None = None, log=None) -> Path:
-    """Write one GGUF file; a run or adapter is merged (and verified) first, or its merge is reused."""
+def export_gguf(source: str | Path, *, quant: str = "f16", out: Path | None = None, log=None) -> Path:
+    """Write one GGUF file; a run or adapter is merged (and verified) first, or its fresh merge is reused."""
     from finetune.export.gguf_vocab import load_tokenizer
     from finetune.export.gguf_writer import QUANTS, check_architecture, check_exportable, write_gguf
+    from finetune.run.records import GGUF_SOURCE_PATH, GGUF_SOURCE_SHA256
 
     log = log or stderr
     if importlib.util.find_spec("gguf") is None:
@@ -51,59 +59,88 @@ def export_gguf(source: Path, *, quant: str = "f16", out: Path | None = None, lo
     if model_dir is None:
         from finetune.merge.bake import run_merge
 
-        log(f"{source} holds an adapter: merging it into its base first")
-        model_dir = run_merge(source, log=log)
+        log(plan.merge_note)
+        model_dir = run_merge(source, overwrite=plan.replace_merge, log=log)
     log(f"writing {out} ({quant}, tokenizer {vocab.model}/{vocab.pre}) from {model_dir}")
-    result = write_gguf(model_dir, out, quant=quant, name=plan.name)
+    metadata = {GGUF_SOURCE_SHA256: plan.digest, GGUF_SOURCE_PATH: str(plan.origin.resolve())}
+    result = write_gguf(model_dir, out, quant=quant, name=plan.name, metadata=metadata)
     size = out.stat().st_size / 2**20
-    log(f"wrote {out}: {result.architecture}, {result.tensors} tensors, {quant}, {size:.1f} MiB")
+    log(f"wrote {out}: {result.architecture}, {result.tensors} tensors, {quant}, {size:.1f} MiB; made from "
+        f"{plan.origin} (sha256 {plan.digest[:12]})")
     _check_in_llama_cpp(out, tokenizer, log)
     log(f"try: llama-cli -m {out} -cnv   (or an Ollama Modelfile with FROM {out})")
     return out
 
 
-def _plan(source: Path, quant: str, log) -> _Plan:
+def _plan(source: str | Path, quant: str, log) -> _Plan:
     """Find the model (or the adapter and its base) behind `source` without loading weights."""
-    from finetune.run.layout import RunDir
+    from finetune.run.layout import MergedDir
+    from finetune.run.records import content_sha256, read_merge_report
+    from finetune.run.resolve import resolve
 
-    if not source.exists():
-        raise UserError(f"{source}: no such run, model or adapter directory")
-    run = RunDir.at(source)
-    if run.exists():
-        recipe = run.read_recipe()
-        if recipe.adapter.kind == "full":
-            return _model_plan(run.model, recipe.name, run.gguf(quant))
-        if run.merge_report.is_file():
-            log(f"using the merged model in {run.merged} (from an earlier `finetune merge`)")
-            return _model_plan(run.merged, recipe.name, run.gguf(quant))
-        return _adapter_plan(source, recipe.name, run.gguf(quant))
-    if (source / "adapter_config.json").is_file():
-        return _adapter_plan(source, source.name, source.with_name(f"{source.name}-merged-{quant}.gguf"))
-    if (source / "config.json").is_file():
-        return _model_plan(source, source.resolve().name, source.with_name(f"{source.resolve().name}-{quant}.gguf"))
-    raise UserError(
-        f"{source}: not a run, model or adapter directory (no recipe.yaml, config.json or adapter_config.json)"
-    )
+    found = resolve(str(source), local=True)
+    name = found.recipe.name if found.recipe is not None else None
+    if found.adapter is None:  # a complete model: a full fine-tuning run, a merge, a model directory
+        model_dir = Path(found.weights)
+        if found.kind == "merged":
+            report = read_merge_report(MergedDir(model_dir))
+            _note_failed_check(model_dir, report, log)
+            origin, digest = Path(report.adapter), report.adapter_sha256 or content_sha256(model_dir)
+            name = found.run.read_recipe().name if found.run is not None else None
+        else:
+            origin, digest = model_dir, content_sha256(model_dir)
+        default = found.run.gguf(quant) if found.kind == "run" else model_dir.parent / f"{model_dir.name}-{quant}.gguf"
+        return _model_plan(model_dir, name or model_dir.resolve().name, default, origin, digest)
+    digest = content_sha256(found.adapter)
+    if found.kind != "run":  # a checkpoint or an adapter directory: merged beside it
+        out = Path(source).with_name(f"{Path(source).name}-merged-{quant}.gguf")
+        return _adapter_plan(source, name or Path(source).name, out, found.adapter, digest,
+                             f"{source} is an adapter: merging it into its base first")
+    merged = found.run.merged
+    report = read_merge_report(merged) if merged.exists() else None
+    if report is not None and report.adapter_sha256 == digest:
+        log(f"using the merged model in {merged.root} (made from this run's adapter, sha256 {digest[:12]})")
+        _note_failed_check(merged.root, report, log)
+        return _model_plan(merged.root, name, found.run.gguf(quant), found.adapter, digest)
+    if report is not None and report.adapter_sha256 is None:
+        note = f"{merged.root} does not record which adapter it was made from (an older finetune): merging again"
+    elif report is not None:
+        note = (f"{merged.root} was merged from an earlier adapter (sha256 {report.adapter_sha256[:12]}, now "
+                f"{digest[:12]}): merging again")
+    else:
+        note = f"{source} holds an adapter: merging it into its base first"
+    plan = _adapter_plan(source, name, found.run.gguf(quant), found.adapter, digest, note)
+    plan.replace_merge = True
+    return plan
 
 
-def _model_plan(model_dir: Path, name: str, out: Path) -> _Plan:
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return _Plan(config, model_dir, name, out, model_dir)
+def _model_plan(model_dir: Path, name: str, out: Path, origin: Path, digest: str) -> _Plan:
+    from finetune.run.layout import MODEL_CONFIG
+
+    config = json.loads((model_dir / MODEL_CONFIG).read_text(encoding="utf-8"))
+    return _Plan(config, model_dir, name, out, origin, digest, model_dir)
 
 
-def _adapter_plan(source: Path, name: str, out: Path) -> _Plan:
+def _adapter_plan(source: str | Path, name: str, out: Path, origin: Path, digest: str, note: str) -> _Plan:
     """The base's config and the adapter's tokenizer (which carries tokens added in training), before the merge."""
     from transformers import AutoConfig
 
     from finetune.merge.bake import locate
 
-    found = locate(source)  # the merge's own refusals (prompt tuning, LoftQ ...) come first
+    found = locate(source)  # the merge's own refusals (prompt tuning, LoftQ, a full run ...) come first
     try:
         config = AutoConfig.from_pretrained(found.base).to_dict()
     except (OSError, ValueError) as exc:
         raise UserError(f"{found.base}: cannot read the base model's config: {str(exc).splitlines()[0]}") from None
     has_tokenizer = (found.adapter_dir / "tokenizer_config.json").is_file()
-    return _Plan(config, found.adapter_dir if has_tokenizer else Path(found.base), name, out)
+    tokenizer_dir = found.adapter_dir if has_tokenizer else Path(found.base)
+    return _Plan(config, tokenizer_dir, name, out, origin, digest, merge_note=note)
+
+
+def _note_failed_check(model_dir: Path, report, log) -> None:
+    if report.gate is not None and not report.gate.passed:
+        log(f"warning: {model_dir} failed its merge check ({'; '.join(report.gate.failed)}) and was kept with "
+            "--keep-failed; exporting it as it is")
 
 
 def _check_in_llama_cpp(out: Path, tokenizer, log) -> None:

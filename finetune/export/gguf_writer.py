@@ -67,12 +67,14 @@ def check_architecture(config: dict, where: str | Path) -> None:
     _rope(config)
 
 
-def write_gguf(model_dir: Path, out: Path, *, quant: str = "f16", name: str | None = None) -> GgufResult:
+def write_gguf(model_dir: Path, out: Path, *, quant: str = "f16", name: str | None = None,
+               metadata: dict[str, str] | None = None) -> GgufResult:
     """Write the transformers checkpoint in `model_dir` (config, safetensors, tokenizer) as GGUF.
 
     The file is written next to `out` under a temporary name and renamed when complete, so a
     failure never leaves a truncated GGUF behind. `name` is the GGUF general.name (default: the
-    directory's name).
+    directory's name). `metadata`: extra string keys for the header (the export's origin,
+    run.records.GGUF_SOURCE_*).
     """
     import gguf
 
@@ -91,6 +93,8 @@ def write_gguf(model_dir: Path, out: Path, *, quant: str = "f16", name: str | No
         # use_temp_file: tensors are spooled to disk as they are added, so memory holds one at a time
         writer = gguf.GGUFWriter(partial, arch, use_temp_file=True)
         _write_hparams(writer, config, name or model_dir.resolve().name, quant)
+        for key, value in (metadata or {}).items():
+            writer.add_string(key, value)
         write_vocab(writer, tokenizer, model_dir, vocab, config["vocab_size"])
         count = _write_tensors(writer, model_dir, config, arch, permute, quant)
         writer.write_header_to_file()

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.run.layout import ADAPTER_CONFIG
 
 # vLLM's LoRAConfig.max_lora_rank accepts these values only (default 16)
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_MAX_LORA_RANK = 16
-# What vLLM refuses in adapter_config.json, with what to do instead. Each rule: (test on the config, reason).
-MERGE = "merge it (`finetune merge RUN`) and serve the merged model: `vllm serve RUN/merged`"
+# What vLLM refuses in adapter_config.json, with what to do instead. Each rule: (test on the config, reason);
+# {source} is what the user exported and {merged} where `finetune merge {source}` writes by default.
+MERGE = "merge it (`finetune merge {source}`) and serve the merged model: `vllm serve {merged}`"
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
 RULES = (
+    (lambda c: str(c.get("peft_type", "LORA")).upper() in PROMPT_LEARNING,
+     "vLLM serves LoRA adapters only; this one is {peft_type}, which cannot be merged either: use "
+     "`finetune chat {source}` or `finetune generate {source}` (or PEFT), or train a LoRA"),
     (lambda c: str(c.get("peft_type", "LORA")).upper() != "LORA",
-     "vLLM serves LoRA adapters only; this one is {peft_type}. For AdaLoRA or IA3, " + MERGE +
-     ". Prompt and prefix tuning cannot be merged: use `finetune chat`/`generate` or PEFT, or train a LoRA"),
+     "vLLM serves LoRA adapters only; this one is {peft_type}: " + MERGE),
     (lambda c: bool(c.get("use_dora")), "vLLM does not support DoRA adapters; " + MERGE),
     (lambda c: bool(c.get("modules_to_save")),
      "vLLM only loads adapters without modules_to_save (this one trains {modules_to_save} in full, e.g. for tokens "
@@ -36,46 +40,44 @@ RULES = (
 )
 
 
-@dataclass
-class _Served:
-    """What to serve: the base model, and the adapter on it (None for a complete model)."""
+def vllm_command(source: str | Path, *, name: str | None = None) -> str:
+    """The `vllm serve` command for this run, adapter or model; a UserError if vLLM would not load it.
 
-    base: str
-    adapter_dir: Path | None
-    name: str
-    init: str | None = None  # adapter.init of the run, when known (LoftQ adapters belong to a 4-bit base)
+    For a run that continued an earlier run's adapter the base is the true base of the chain
+    (finetune.run.resolve); for one trained on an earlier run's merge, that merge.
+    """
+    from finetune.inference.load import resolve_source
 
-
-def vllm_command(source: Path, *, name: str | None = None) -> str:
-    """The `vllm serve` command for this run, adapter or model; a UserError if vLLM would not load it."""
-    served = _locate(source)
-    if served.adapter_dir is None:
-        return f"vllm serve {shlex.quote(served.base)}"
-    adapter_dir = served.adapter_dir
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    problem = vllm_refusal(config)
-    if served.init == "loftq":
+    resolved = resolve_source(str(source))
+    base = str(Path(resolved.base).resolve()) if Path(resolved.base).is_dir() else resolved.base  # vllm's own cwd
+    if not resolved.adapters:
+        return f"vllm serve {shlex.quote(base)}"
+    [(default_name, adapter_dir)] = resolved.adapters
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    problem = vllm_refusal(config, source=str(source), merged=str(_merged_dir(source, resolved.run_dir)))
+    if getattr(getattr(resolved.recipe, "adapter", None), "init", None) == "loftq":
         problem = ("a LoftQ adapter carries the 4-bit quantisation error of its base and is only right on that "
                    "4-bit base; vLLM would apply it to the full-precision base. Train with adapter.init: default")
     if problem:
         raise UserError(f"{source}: vLLM will not serve this adapter: {problem}")
     parts = [
-        "vllm serve", shlex.quote(served.base), "--enable-lora",
-        "--lora-modules", shlex.quote(f"{name or served.name}={adapter_dir.resolve()}"),
+        "vllm serve", shlex.quote(base), "--enable-lora",
+        "--lora-modules", shlex.quote(f"{name or default_name}={adapter_dir.resolve()}"),
     ]
     rank = _rank(config)
     if rank > DEFAULT_MAX_LORA_RANK:
         parts += ["--max-lora-rank", str(next(r for r in MAX_LORA_RANKS if r >= rank))]
     template = adapter_dir / "chat_template.jinja"
-    if template.is_file() and _read_template(Path(served.base)) != template.read_text(encoding="utf-8"):
+    if template.is_file() and _read_template(Path(base)) != template.read_text(encoding="utf-8"):
         # vLLM formats chats with the base's template unless told; the adapter learnt this one
         parts += ["--chat-template", shlex.quote(str(template.resolve()))]
     return " ".join(parts)
 
 
-def vllm_refusal(config: dict) -> str | None:
+def vllm_refusal(config: dict, *, source: str = "RUN", merged: str = "RUN/merged") -> str | None:
     """Why vLLM would refuse an adapter with this adapter_config.json (and what to do), or None."""
-    values = {**config, "peft_type": config.get("peft_type", "LORA"), "r": _rank(config)}
+    values = {**config, "peft_type": config.get("peft_type", "LORA"), "r": _rank(config), "source": source,
+              "merged": merged}
     for test, reason in RULES:
         if test(config):
             return reason.format(**values)
@@ -97,29 +99,11 @@ def _read_template(base: Path) -> str | None:
     return None
 
 
-def _locate(source: Path) -> _Served:
-    """The base and adapter behind a run (a chained run's adapter sits on the first run's base), adapter or model."""
-    from finetune.inference.load import adapter_name
+def _merged_dir(source: str | Path, run_dir: Path | None) -> Path:
+    """Where `finetune merge source` writes by default: <run>/merged for a run, else <source>-merged beside it."""
     from finetune.run.layout import RunDir
 
-    if not source.exists():
-        raise UserError(f"{source}: no such run or adapter directory")
-    run = RunDir.at(source)
-    if run.exists():
-        from finetune.model.start import adapter_base
-
-        recipe = run.read_recipe()
-        if recipe.adapter.kind == "full":
-            return _Served(str(run.model.resolve()), None, recipe.name)
-        if not (run.adapter / "adapter_config.json").is_file():
-            raise UserError(f"{source}: no adapter in {run.adapter}; did the run finish?")
-        init = getattr(recipe.adapter, "init", None)
-        return _Served(adapter_base(recipe).base, run.adapter, adapter_name(recipe.name), init)
-    if (source / "adapter_config.json").is_file():
-        base = json.loads((source / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"{source}/adapter_config.json: base_model_name_or_path is not set; cannot find the base")
-        return _Served(base, source, adapter_name(source.name))
-    if (source / "config.json").is_file():
-        return _Served(str(source.resolve()), None, source.name)
-    raise UserError(f"{source}: not a run, model or adapter directory")
+    path = Path(source)
+    if run_dir is not None and path.resolve() in (run_dir.resolve(), RunDir(run_dir).adapter.resolve()):
+        return RunDir(run_dir).merged.root
+    return path.with_name(path.name + "-merged")

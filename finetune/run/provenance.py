@@ -1,14 +1,14 @@
 """Provenance of a run: what produced it, on what base (revision or content hash), from which data.
 
-`<run>/provenance.json` is written when the run starts (status "running") and rewritten when it
-ends (completed, interrupted or failed, with the final metrics). Everything in it passes
-through `redact`, so no token from the environment or the recipe is ever written.
+`<run>/provenance.json` (records.Provenance) is written when the run starts (status "running") and
+rewritten when it ends (completed, interrupted, failed, or stopped before its first step, with
+the final metrics). records.write_provenance redacts it, so no token from the environment or the
+recipe is ever written.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import subprocess
@@ -20,8 +20,16 @@ from typing import Any
 from finetune import __version__
 from finetune.data.sources import sha256_file
 from finetune.recipe.schema import Recipe
-from finetune.redact import redact
-from finetune.run.checkpoints import write_atomic
+from finetune.run.layout import MergedDir, RunDir
+from finetune.run.records import (
+    RUNNING,
+    BaseIdentity,
+    MergeReport,
+    Provenance,
+    StartRecord,
+    read_provenance,
+    write_provenance,
+)
 
 PACKAGES = (
     "torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "safetensors",
@@ -63,25 +71,28 @@ def git_revision(directory: Path) -> dict[str, Any] | None:
     return {"repository": root, "revision": revision, "dirty": dirty}
 
 
-def base_identity(spec: str, revision: str | None) -> dict[str, Any]:
-    """What the base model is: a Hub id and its revision, or a local model's content sha256 (config and weights).
+def base_identity(weights: str, revision: str | None, name: str | None = None) -> BaseIdentity:
+    """What the base weights are: a Hub id and its revision, or a local model's content sha256 (config and weights).
 
+    `weights` is what the run loads (model.start.Start.base: through earlier runs to the true base);
+    `name` is how the recipe named it, when it named it directly (builtin:tiny-llama rather than the cache path).
     Hashing reads every weight file once (~1 GB/s: seconds for a 7B model), so a card can say exactly which
     local weights an adapter belongs to.
     """
     import hashlib
 
     from finetune.model.builtin import resolve_model_path
+    from finetune.run.layout import MODEL_CONFIG
 
-    path = Path(resolve_model_path(spec))
+    path = Path(resolve_model_path(weights))
     if not path.is_dir():
-        return {"id": spec, "revision": revision or "main"}
-    if not (path / "config.json").is_file():
-        return {"path": str(path), "note": "a run directory: see its provenance.json"}
+        return BaseIdentity(id=name or weights, revision=revision or "main")
+    if not (path / MODEL_CONFIG).is_file():
+        return BaseIdentity(path=name or str(path))
     digest = hashlib.sha256()
-    for file in sorted([path / "config.json", *path.glob("*.safetensors"), *path.glob("*.bin")]):
+    for file in sorted([path / MODEL_CONFIG, *path.glob("*.safetensors"), *path.glob("*.bin")]):
         digest.update(f"{file.name}:{sha256_file(file)}\n".encode())
-    return {"path": spec, "sha256": digest.hexdigest()}
+    return BaseIdentity(path=name or weights, sha256=digest.hexdigest())
 
 
 def package_versions() -> dict[str, str]:
@@ -118,41 +129,38 @@ def hardware() -> dict[str, Any]:
 
 
 def start_provenance(recipe: Recipe, source: Path | None, data: list[dict[str, Any]], *,
-                     resumed_from: str | None) -> dict[str, Any]:
+                     resumed_from: str | None, start: StartRecord | None = None,
+                     base: BaseIdentity | None = None) -> Provenance:
     """The provenance of a run as it starts; `finish_provenance` completes it."""
-    return {
-        "finetune_version": __version__,
-        "status": "running",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": ["finetune" if sys.argv[0].endswith(("__main__.py", "finetune")) else sys.argv[0], *sys.argv[1:]],
-        "recipe_file": str(source) if source else None,
-        "git": git_revision(source.resolve().parent) if source else None,
-        "resumed_from": resumed_from,
-        "recipe": recipe.model_dump(mode="json"),
-        "base_model": base_identity(recipe.model.path, recipe.model.revision),
-        "data": data,
-        "packages": package_versions(),
-        "hardware": hardware(),
-    }
+    return Provenance(
+        finetune_version=__version__,
+        status=RUNNING,
+        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        command=["finetune" if sys.argv[0].endswith(("__main__.py", "finetune")) else sys.argv[0], *sys.argv[1:]],
+        recipe_file=str(source) if source else None,
+        git=git_revision(source.resolve().parent) if source else None,
+        resumed_from=resumed_from,
+        start=start,
+        base_model=base,
+        recipe=recipe.model_dump(mode="json"),
+        data=data,
+        packages=package_versions(),
+        hardware=hardware(),
+    )
 
 
-def finish_provenance(provenance: dict[str, Any], status: str, metrics: dict[str, Any] | None = None) -> None:
-    provenance["status"] = status
-    provenance["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+def finish_provenance(provenance: Provenance, status: str, metrics: dict[str, Any] | None = None) -> None:
+    """Record how the run ended (status, time, and the final metrics when there are any)."""
+    provenance.status = status
+    provenance.finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if metrics is not None:
-        provenance["metrics"] = metrics
+        provenance.metrics = metrics
 
 
-def write_provenance(provenance: dict[str, Any], path: Path) -> None:
-    """Write provenance.json, redacted."""
-    write_atomic(path, json.dumps(redact(provenance), indent=2, default=str) + "\n")
-
-
-def carry_into_merged(run_dir: Path, out: Path, merge_report: dict[str, Any]) -> None:
-    """Give a merged model its run's provenance, with the merge report (the card is run.card.carry_over's)."""
-    source = run_dir / "provenance.json"
-    if not source.is_file():
+def carry_into_merged(run: RunDir, merged: MergedDir, report: MergeReport) -> None:
+    """Give a merged model its run's provenance, with the merge report (the card is card.carry_over's)."""
+    provenance = read_provenance(run.provenance)
+    if provenance is None:
         return  # a run from before provenance existed
-    provenance = json.loads(source.read_text(encoding="utf-8"))
-    provenance["merge"] = merge_report
-    write_provenance(provenance, out / "provenance.json")
+    provenance.merge = report
+    write_provenance(merged.provenance, provenance)
