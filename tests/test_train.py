@@ -95,7 +95,7 @@ def test_merge_matches_adapter_and_keeps_base_dtype(lora_run, tmp_path):
         diff = (merged(ids).logits - adapted(ids).logits).abs().max().item()
     assert diff < 1e-4
     again = run_cli("merge", str(lora_run), "--out", str(out))
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already holds a merge; pass --overwrite" in again.stderr
 
 
 def test_existing_run_dir_is_not_overwritten(lora_run):

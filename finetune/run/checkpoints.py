@@ -20,11 +20,10 @@ from typing import Any
 import yaml
 
 from finetune.errors import UserError
-from finetune.run.layout import CHECKPOINT_MARKER, CHECKPOINT_NAME, RECIPE, RunDir
+from finetune.run.layout import CHECKPOINT_MARKER, CHECKPOINT_NAME, RECIPE, RunDir, step_in_name
 
 MARKER = CHECKPOINT_MARKER
 LATEST = ":latest"  # the value of a bare `--resume`
-CHECKPOINT_DIR = CHECKPOINT_NAME
 # Sections that change where results go or how they are reported, never what is trained.
 NOT_COMPARED_ON_RESUME = ("name", "output", "logging")
 
@@ -73,7 +72,7 @@ def list_checkpoints(checkpoints_dir: Path) -> tuple[list[Path], list[Path]]:
     found = sorted(
         (int(m.group(1)), p)
         for p in checkpoints_dir.iterdir()
-        if p.is_dir() and (m := CHECKPOINT_DIR.match(p.name))
+        if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))
     )
     complete = [p for _, p in found if (p / MARKER).is_file()]
     incomplete = [p for _, p in found if not (p / MARKER).is_file()]
@@ -86,7 +85,7 @@ def resolve_resume(value: str, run_dir: Path, log) -> Path:
         return _latest_complete(RunDir(run_dir), log)
     from finetune.run.resolve import locate
 
-    found = locate(value, key="--resume")
+    found = locate(value, key="--resume", local=True)
     if found.kind == "checkpoint":
         if not (found.path / MARKER).is_file():
             raise UserError(
@@ -101,7 +100,7 @@ def resolve_resume(value: str, run_dir: Path, log) -> Path:
 
 def _latest_complete(run: RunDir, log) -> Path:
     complete, incomplete = list_checkpoints(run.checkpoints)
-    newer = [p for p in incomplete if not complete or _step(p) > _step(complete[-1])]
+    newer = [p for p in incomplete if not complete or step_in_name(p) > step_in_name(complete[-1])]
     for path in newer:
         log(f"warning: skipping {path}: incomplete (the run stopped while writing it)")
     if complete:
@@ -119,10 +118,6 @@ def _latest_complete(run: RunDir, log) -> Path:
         + (f" ({len(incomplete)} incomplete)" if incomplete else "")
         + "; set training.save_steps to write checkpoints, or start afresh with --overwrite"
     )
-
-
-def _step(path: Path) -> int:
-    return int(CHECKPOINT_DIR.match(path.name).group(1))
 
 
 def checkpoint_step(checkpoint: Path) -> int:

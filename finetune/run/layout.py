@@ -250,7 +250,7 @@ class RunDir:
         return recipe_from_dict(data, str(self.recipe))
 
 
-def checkpoint_step(path: Path) -> int | None:
+def step_in_name(path: Path) -> int | None:
     """N of a `checkpoint-N` directory name, or None for any other name."""
     match = CHECKPOINT_NAME.match(path.name)
     return int(match.group(1)) if match else None
@@ -258,7 +258,7 @@ def checkpoint_step(path: Path) -> int | None:
 
 def run_of_checkpoint(path: Path) -> RunDir | None:
     """The run a `<run>/checkpoints/checkpoint-N` directory belongs to, or None."""
-    if checkpoint_step(path) is None or path.parent.name != CHECKPOINTS:
+    if step_in_name(path) is None or path.parent.name != CHECKPOINTS:
         return None
     run = RunDir(path.parent.parent)
     return run if run.exists() else None

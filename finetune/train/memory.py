@@ -24,8 +24,6 @@ from finetune.train.sft_options import resolve_batching, resolve_lm_head
 GiB = 2**30
 CUDA_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspaces, allocator slack: outside max_memory_allocated
 CPU_RUNTIME = 1.5 * GiB  # Python with torch, transformers, peft and trl imported (measured RSS, docs/memory.md)
-ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
