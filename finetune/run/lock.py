@@ -103,13 +103,32 @@ def claim_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> RunLock:
         raise UserError(f"output.dir: {run_dir} exists and is a file; choose another output.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir).acquire()
+    try:
+        _refuse_held(run_dir, overwrite=overwrite, resume=resume)
+    except UserError:
+        lock.release()
+        raise
+    return lock
+
+
+def check_claimable(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse now, writing nothing, what claim_run_dir would refuse later (before anything heavy loads)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir: {run_dir} exists and is a file; choose another output.dir")
+    if not run_dir.is_dir():
+        return
+    lock = RunLock(run_dir)
+    if lock.path.exists():
+        lock._take_over_if_stale()  # raises if a live process holds it; removes a stale one
+    _refuse_held(run_dir, overwrite=overwrite, resume=resume)
+
+
+def _refuse_held(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
     held = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
     if held and not (overwrite or resume):
-        lock.release()
         checkpoints = run_dir / "checkpoints"
         hint = " pass --resume to continue it," if checkpoints.is_dir() and any(checkpoints.iterdir()) else ""
         raise UserError(
             f"output.dir: {run_dir} already holds a run;{hint} pass --overwrite to write into it, "
             f"or choose another directory with --set output.dir=..."
         )
-    return lock

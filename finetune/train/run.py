@@ -12,11 +12,9 @@ from finetune.launch.processes import is_main_process, main_process_first, zero3
 from finetune.logs import quiet_libraries, stderr
 from finetune.recipe import LoadedRecipe, Recipe
 from finetune.recipe.methods import PREFERENCE_KINDS
-from finetune.redact import secret_key_paths
 from finetune.train.checks import check_weights_format, report_longest
 from finetune.train.lifecycle import RunLifecycle
 from finetune.train.memory import check_memory, peak_memory
-from finetune.train.trackers import check_trackers
 from finetune.train.trainers import TRAINERS
 
 
@@ -55,7 +53,9 @@ def run_training(
             f"distributed.strategy: '{recipe.distributed.strategy}' starts several processes; "
             "run it with `finetune train` (finetune.launch.launcher.launch_training), not in this process"
         )
-    start = _preflight(recipe)
+    lifecycle = RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
+                             resume_command=resume_command, launched=launched)
+    start = _preflight(loaded, lifecycle)
     quiet_libraries()
     from finetune.adapters.targets import check_selection, read_layout
 
@@ -66,8 +66,7 @@ def run_training(
     from finetune.model.load import resolve_precision
 
     check_memory(recipe, start.base, resolve_precision(recipe).device, force=ignore_memory_plan, log=log)
-    with RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
-                      resume_command=resume_command, launched=launched) as run:
+    with lifecycle as run:
         return _train(recipe, start, layout, run, log, callbacks)
 
 
@@ -132,20 +131,19 @@ def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks) -> 
     return run_dir
 
 
-def _preflight(recipe: Recipe):
-    """Cheap checks that would otherwise fail after the model has loaded; returns where training starts."""
-    from finetune.data.sources import check_dataset_exists
-    from finetune.model.load import check_quantisation_available
-    from finetune.model.start import resolve_start
+def _preflight(loaded: LoadedRecipe, lifecycle: RunLifecycle | None = None):
+    """Cheap checks that would otherwise fail after the model has loaded; returns where training starts.
 
-    check_quantisation_available(recipe)
-    check_trackers(recipe)
-    if secret_key_paths(recipe.name):
-        raise UserError("name: looks like a secret (a token or key); it names the run directory, so it cannot "
-                        "be redacted. Choose another name")
-    for split in ("train", "eval"):
-        for i, spec in enumerate(getattr(recipe.data, split)):
-            check_dataset_exists(spec, f"data.{split}[{i}]")
+    Nothing heavy is imported before the recipe's inputs and the run directory (and the checkpoint
+    to resume) are checked, so those refusals come in well under a second.
+    """
+    from finetune.model.start import resolve_start
+    from finetune.recipe.inputs import check_inputs
+
+    recipe = loaded.recipe
+    check_inputs(loaded)  # the same checks as `finetune validate`
+    if lifecycle is not None:
+        lifecycle.check()
     if recipe.method.kind in PREFERENCE_KINDS:
         from finetune.data.pairs import check_local_preference_data
         from finetune.train.preference import check_orpo_available
