@@ -6,11 +6,13 @@ from pathlib import Path
 
 import typer
 
-from finetune.cli.app import _refuse_existing, app
+from finetune.cli.app import _refuse_existing, app, examples
 from finetune.errors import UserError
 
 
-@app.command("tiny-model")
+@app.command(
+    "tiny-model", epilog=examples("finetune tiny-model models/tiny", "finetune tiny-model models/q --arch qwen3")
+)
 def tiny_model(
     out: Path = typer.Argument(..., help="Directory to write the model and tokenizer into."),
     arch: str = typer.Option("llama", "--arch", help="llama or qwen3."),
