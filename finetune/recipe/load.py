@@ -69,6 +69,7 @@ def _default_name(path: Path) -> str:
 # corrupt file (a binary, a generated monster) from costing more than a moment.
 MAX_RECIPE_BYTES = 1 << 20
 MAX_DEPTH = 32  # the deepest real key path is ~6 levels
+MAX_VALUES = 10_000  # keys and values after aliases are expanded; a full recipe has a few hundred
 # Characters YAML itself refuses (its "printable" set, YAML 1.1 5.1), found before PyYAML's reader
 # trips on them with a message that names no line.
 _NON_PRINTABLE = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -76,47 +77,87 @@ _KEY_TAGS = ("tag:yaml.org,2002:str",)
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses aliases and deep nesting while composing the node tree.
+    """PyYAML's safe loader with bounds: nesting depth, and the size the document has once aliases expand.
 
-    Aliases make a "billion laughs" file that expands to gigabytes when anything walks it; recipes
-    share settings through `base:` and repeat values through ${...}, so they never need one.
+    Aliases (`*name`, and merge keys `<<: *name`) are fine in moderation (PyYAML itself writes them for
+    repeated values), but a "billion laughs" file of nested aliases expands to gigabytes when anything
+    walks it, and an alias inside its own anchor makes a cycle. Both are refused before construction.
     """
 
     def __init__(self, text: str, where: str, lines: bool):
         super().__init__(text)
         self.where, self.lines, self.depth = where, lines, 0
+        self.first_alias = None
+        self.merged: set[int] = set()  # key nodes a merge key (<<) brought in: keys written later override them
 
     def _at(self, mark) -> str:
         return self.where + (_line(mark) if self.lines else "")
 
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise UserError(
-                f"{self._at(event.start_mark)}: YAML aliases (*{event.anchor}) are not allowed in a recipe; "
-                "write the value out, inherit shared settings with `base: other.yaml`, or repeat a value with "
-                "${section.key}"
-            )
+        if self.check_event(yaml.AliasEvent) and self.first_alias is None:
+            self.first_alias = self.peek_event()
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
-                raise UserError(
-                    f"{self._at(self.peek_event().start_mark)}: nested more than {MAX_DEPTH} levels deep; "
-                    "a recipe is a few levels of sections and keys (is this file a recipe?)"
-                )
+                raise UserError(f"{self._at(self.peek_event().start_mark)}: {_TOO_DEEP}")
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and self.first_alias is not None:
+            _Expansion(self).measure(node, 1)
+        return node
+
+    def flatten_mapping(self, node):
+        before = {id(key) for key, _ in node.value}
+        super().flatten_mapping(node)
+        self.merged |= {id(key) for key, _ in node.value if id(key) not in before}
+
+
+_TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep; a recipe is a few levels of sections and keys (is it a recipe?)"
+
+
+class _Expansion:
+    """Size and depth of a node tree with every alias expanded, computed once per node (aliases share nodes)."""
+
+    def __init__(self, loader: _RecipeLoader):
+        self.loader, self.sizes, self.open = loader, {}, set()
+
+    def measure(self, node: yaml.Node, depth: int) -> tuple[int, int]:
+        """(values, levels) under `node`; raises UserError past MAX_VALUES or MAX_DEPTH, or on a cycle."""
+        alias = self.loader.first_alias
+        where = self.loader._at(alias.start_mark)
+        if id(node) in self.open:
+            raise UserError(f"{where}: the YAML alias *{alias.anchor} (or another) sits inside the value it names, "
+                            "which never ends; write the value out")
+        if id(node) not in self.sizes:
+            self.open.add(id(node))
+            children = node.value if isinstance(node, yaml.SequenceNode) else (
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+            measured = [self.measure(child, depth + 1) for child in children]
+            self.open.discard(id(node))
+            self.sizes[id(node)] = (1 + sum(n for n, _ in measured), 1 + max((d for _, d in measured), default=0))
+        values, levels = self.sizes[id(node)]
+        if values > MAX_VALUES:
+            raise UserError(f"{where}: YAML aliases (*{alias.anchor} and others) expand this to more than "
+                            f"{MAX_VALUES:,} values, far more than a recipe holds (a 'billion laughs' file?); write "
+                            "the values out, or share settings between recipes with `base: other.yaml`")
+        if depth + levels - 1 > MAX_DEPTH:
+            raise UserError(f"{where}: through YAML aliases, {_TOO_DEEP}")
+        return values, levels
 
 
 def _line(mark) -> str:
     return f":{mark.line + 1}" if mark is not None else ""
 
 
-def parse_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None]:
+def parse_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None, set[int]]:
     """Parse one YAML document (a recipe, or a --set value) with the recipe loader's bounds.
 
-    `where` prefixes every message: "recipe.yaml" (a line number is added) or "--set KEY=VALUE".
+    Returns the value, its node tree (for line numbers) and the ids of key nodes a merge key brought
+    in. `where` prefixes every message: "recipe.yaml" (a line number is added) or "--set KEY=VALUE".
     """
     bad = _NON_PRINTABLE.search(text)
     if bad:
@@ -131,12 +172,12 @@ def parse_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None]:
     loader = _RecipeLoader(text, where, lines=in_file)
     try:
         node = loader.get_single_node()
-        return (loader.construct_document(node) if node is not None else None), node
+        return (loader.construct_document(node) if node is not None else None), node, loader.merged
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         if not in_file:  # not YAML (e.g. a Jinja template): the text itself is the value
-            return text, None
+            return text, None, set()
         raise UserError(
             f"{where}{_line(mark)}: YAML syntax error: {problem}. Fix the indentation or quoting there."
         ) from None
@@ -164,7 +205,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, str]]:
         raise UserError(
             f"{path}:{line}: not valid UTF-8 (byte {exc.start + 1} of the file); re-save the recipe as UTF-8"
         ) from None
-    data, node = parse_yaml(text, str(path))
+    data, node, merged = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -174,13 +215,17 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, str]]:
         )
     origins: dict[KeyPath, str] = {(): f"{path}:1"}
     if node is not None:
-        _collect_lines(node, (), path, origins)
+        _collect_lines(node, (), path, origins, merged)
     return data, origins
 
 
-def _collect_lines(node: yaml.Node, prefix: KeyPath, path: Path, out: dict[KeyPath, str]) -> None:
+def _collect_lines(
+    node: yaml.Node, prefix: KeyPath, path: Path, out: dict[KeyPath, str], merged: set[int] = frozenset()
+) -> None:
+    """Record the line of every key path (aliases followed; bounded by the loader) and refuse repeated keys."""
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
+        seen_nodes: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
             line = key_node.start_mark.line + 1
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _KEY_TAGS:
@@ -190,18 +235,18 @@ def _collect_lines(node: yaml.Node, prefix: KeyPath, path: Path, out: dict[KeyPa
                     "(YAML reads it as a number, boolean, null or collection); quote it, e.g. \"yes\":"
                 )
             key = key_node.value
-            if key in seen:
+            if key in seen and id(key_node) not in merged and id(seen_nodes[key]) not in merged:
                 raise UserError(
                     f"{path}:{line}: key '{dotted_path(prefix + (key,))}' is set twice "
                     f"(first on line {seen[key]}); keep one"
                 )
-            seen[key] = line
+            seen[key], seen_nodes[key] = line, key_node
             out[prefix + (key,)] = f"{path}:{line}"
-            _collect_lines(value_node, prefix + (key,), path, out)
+            _collect_lines(value_node, prefix + (key,), path, out, merged)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[prefix + (i,)] = f"{path}:{item.start_mark.line + 1}"
-            _collect_lines(item, prefix + (i,), path, out)
+            _collect_lines(item, prefix + (i,), path, out, merged)
 
 
 def _read_with_bases(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dict[KeyPath, str]]:
