@@ -23,7 +23,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",  # help paragraphs wrap as prose; `code` and lists render
 )
 
 
@@ -35,7 +34,7 @@ SET_HELP = (
 
 def examples(*commands: str) -> str:
     """A command's help epilog: example command lines, one per line."""
-    return "**Examples**\n\n" + "\n".join(f"* `{command}`" for command in commands)
+    return "Examples:\n" + "\n".join(f"  {command}" for command in commands)
 
 
 def _version(value: bool) -> None:

@@ -14,7 +14,6 @@ import typer
 
 from finetune.cli.app import examples
 from finetune.errors import UserError
-from finetune.recipe.methods import PREFERENCE_KINDS
 
 data_app = typer.Typer(
     name="data",
@@ -22,7 +21,6 @@ data_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
 )
 
 SET_HELP = (
@@ -86,6 +84,7 @@ def preview(
     if dataset is None:
         raise UserError(f"{recipe}: the recipe has no eval data (set data.eval or data.eval_fraction)")
     from finetune.data.preview import audit_table, dropped_lines, example_records, print_examples
+    from finetune.recipe.methods import PREFERENCE_KINDS
 
     records = example_records(dataset, tokenizer, n, preference=loaded.method.kind in PREFERENCE_KINDS)
     if as_json:

@@ -11,23 +11,23 @@ from finetune.errors import UserError
 
 
 @app.command(
+    help="Check a recipe and what it points at, then print it fully resolved.\n\n"
+    "Checks keys and values, then everything that needs no model: data files exist and their first row fits "
+    "the format; model.path is a model folder, an earlier run or a known builtin: name; the chat template and "
+    "distributed.config exist; output.dir is not a file; trackers and quantisation are installed. "
+    "`finetune train` runs the same checks before it writes anything.\n\n"
+    "Never uses the network: Hub ids are listed as not checked (with HF_HUB_OFFLINE=1 they must be in the "
+    "local Hub cache).",
     epilog=examples(
         "finetune validate recipes/tiny/sft_lora.yaml",
         "finetune validate my.yaml --set training.learning_rate=1e-4 --set data.train[0].path=my.jsonl",
-    )
+    ),
 )
 def validate(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
 ) -> None:
-    """Check a recipe and what it points at, then print it fully resolved.
-
-    Checks the keys and values, then everything that needs no model: data files exist and their first
-    row fits the format, model.path is a model folder, an earlier run or a known builtin: name, the chat
-    template and distributed.config exist, output.dir is not a file, trackers and quantisation are
-    installed. `finetune train` runs the same checks before it writes anything. Never uses the network:
-    Hub ids are listed as not checked (with HF_HUB_OFFLINE=1 they must be in the local Hub cache).
-    """
+    """Check a recipe and what it points at (recipe.inputs.check_inputs), then print it resolved."""
     from finetune.recipe import load_recipe
     from finetune.recipe.dump import dump_recipe
     from finetune.recipe.inputs import check_inputs
@@ -41,8 +41,11 @@ def validate(
 
 
 @app.command(
+    help="Print the recipe JSON Schema for editors (every key described; base: and partial sections allowed).\n\n"
+    "The same schema ships as docs/recipe.schema.json, which the shipped recipes name on their first line. "
+    "A schema written earlier by this command is overwritten; any other existing file needs --force.",
     epilog=examples("finetune schema --out recipe.schema.json", "finetune schema > docs/recipe.schema.json")
-    + "\n\nThen put `# yaml-language-server: $schema=recipe.schema.json` on a recipe's first line."
+    + "\n\nThen put `# yaml-language-server: $schema=recipe.schema.json` on a recipe's first line.",
 )
 def schema(
     out: Path | None = typer.Option(None, "--out", help="Write to this file instead of standard output."),
@@ -50,11 +53,7 @@ def schema(
         False, "--force", help="With --out: overwrite a file that is not a schema written by `finetune schema`."
     ),
 ) -> None:
-    """Print the recipe JSON Schema for editors (every key described; `base:` and partial sections allowed).
-
-    The same schema ships as docs/recipe.schema.json, which the shipped recipes name on their first line.
-    A schema written earlier by this command is overwritten; any other existing file needs --force.
-    """
+    """Print (or write) the editor schema (recipe.editor_schema)."""
     from finetune.recipe.editor_schema import editor_schema_text, is_our_schema
 
     text = editor_schema_text()
@@ -84,6 +83,9 @@ def init(
 
 @app.command(
     "launch-plan",
+    help="Print what `finetune train` would launch (command, environment, generated configs); start nothing.\n\n"
+    "Plans for the machines that will run it: what this machine lacks (GPUs, cores, packages) is a warning in "
+    "the plan, not a refusal.",
     epilog=examples(
         "finetune launch-plan recipes/tiny/sft_lora_zero3.yaml",
         "finetune launch-plan my.yaml --set distributed.num_processes=8",
@@ -93,11 +95,7 @@ def launch_plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
 ) -> None:
-    """Print what `finetune train` would launch (command, environment, generated configs); start nothing.
-
-    Plans for the machines that will run it: what this machine lacks (GPUs, cores, packages) is a warning
-    in the plan, not a refusal.
-    """
+    """Print the launch plan (launch.launcher.describe_launch)."""
     from finetune.launch.launcher import describe_launch
     from finetune.recipe import load_recipe
 
