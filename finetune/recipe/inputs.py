@@ -161,9 +161,9 @@ def _check_model(recipe: Recipe, found: _Findings) -> None:
     run = RunDir.at(local)
     if recipe.model.start_from != "auto" and not run.exists():
         state = "does not exist" if not local.exists() else f"has no {run.recipe.name}"
-        found.problem(key, f"{spec} {state}, but model.start_from: {recipe.model.start_from} needs the directory of an "
-                      "earlier `finetune train` run: train that run first, fix the path, or remove start_from to use "
-                      "model.path as a base model")
+        found.problem(("model", "start_from"), f"is '{recipe.model.start_from}', so model.path must be the directory "
+                      f"of an earlier `finetune train` run, but {spec} {state}; train that run first (or fix the path, "
+                      "or remove start_from to use model.path as a base model)")
     elif local.is_file():
         found.problem(key, f"{spec} is a file; model.path is a model directory (with config.json), a Hub id "
                       "(org/name), an earlier run's directory, or builtin:NAME")
@@ -179,9 +179,10 @@ def _check_model(recipe: Recipe, found: _Findings) -> None:
 
 
 def _check_model_dir(key: KeyPath, local: Path, found: _Findings) -> None:
+    from finetune.model.start import _refuse_adapter_dir
+
     if (local / "adapter_config.json").is_file():
-        found.problem(key, f"{local} is an adapter, not a model: point model.path at the run directory that holds it, "
-                      "or merge it into its base first (`finetune merge`) and use the merged model")
+        found.guard(key, lambda: _refuse_adapter_dir(str(local), "model"))  # train's own message
     elif not (local / "config.json").is_file():
         gguf = sorted(p.name for p in local.glob("*.gguf"))
         hint = f"; it holds {gguf[0]}, a GGUF file, which is for inference, not a training base" if gguf else ""
@@ -197,9 +198,10 @@ def _check_run(key: KeyPath, run, start_from: str, found: _Findings) -> None:
         found.problem(key, f"{run.root} is a run directory whose recipe cannot be read: {exc.render()}")
         return
     needed = run.merged if start_from == "merged" else run.artifact(earlier.adapter.kind)
-    if not (needed / ("config.json" if needed != run.adapter else "adapter_config.json")).is_file():
+    marker = needed / ("adapter_config.json" if needed == run.adapter else "config.json")
+    if not marker.is_file():
         hint = f"run `finetune merge {run.root}` first" if start_from == "merged" else "did that run finish?"
-        found.problem(key, f"{run.root} is an earlier run, but {needed} is missing; {hint}")
+        found.problem(key, f"{run.root} is a run directory but {marker} is missing; {hint}")
 
 
 # --- data -----------------------------------------------------------------------------------------
