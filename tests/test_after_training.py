@@ -381,7 +381,7 @@ def test_lm_eval_local_task_runs_on_base_and_tuned(run, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["export", ".", "--format", "zip"], "--format: expected gguf or vllm, found 'zip'"),
-    (["export", "nowhere", "--format", "gguf"], "nowhere: no such run, model or adapter directory"),
+    (["export", "nowhere", "--format", "gguf"], "nowhere: no such directory"),
     (["chat", "builtin:tiny-llama", "--adapter", "noequals"], "--adapter: expected NAME=PATH"),
     (["generate", "x", "--prompts", "missing.jsonl", "--out", "o.jsonl"], "no such file: missing.jsonl"),
     (["eval", "builtin:tiny-llama", "--adapter", "base=x"], "'base' is not a usable name"),

@@ -29,7 +29,7 @@ def test_shipped_format_recipes_train(recipe, tmp_path, torch_one_thread):
     assert (run_dir / "adapter/adapter_model.safetensors").is_file()
     losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
-    audit = json.loads((run_dir / "audit.json").read_text())
+    audit = json.loads((run_dir / "audit.json").read_text())["datasets"]
     assert all(a["kept"] > 0 and a["trained_tokens"] > 0 for a in audit)
 
 

@@ -369,7 +369,7 @@ def test_progress_display_in_a_terminal_shows_eta_loss_lr_rate_memory(torch_one_
     [
         (["--resume"], "no complete checkpoint in"),
         (["--resume", "--overwrite"], "choose one"),
-        (["--resume", "nowhere"], "--resume: nowhere: no such checkpoint or run directory"),
+        (["--resume", "nowhere"], "--resume: nowhere: no such directory"),
     ],
 )
 def test_resume_flag_errors_exit_2_before_any_model_loads(argv, message, tmp_path):
@@ -381,7 +381,7 @@ def test_resume_flag_errors_exit_2_before_any_model_loads(argv, message, tmp_pat
 
 
 def test_bare_resume_takes_the_latest_checkpoint():
-    from finetune.cli import _bare_resume
+    from finetune.cli.app import _bare_resume
     from finetune.run.checkpoints import LATEST
 
     assert _bare_resume(["train", "r.yaml", "--resume"]) == ["train", "r.yaml", f"--resume={LATEST}"]

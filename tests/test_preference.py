@@ -57,7 +57,7 @@ def test_dpo_lora_raises_accuracy_and_margins_on_its_training_pairs(dpo_lora_run
     assert_preference_learnt(dpo_lora_run, accuracy=0.9)
     result = summary(dpo_lora_run)
     assert result["method"] == "dpo" and result["reference_model"] == "the model with its adapter disabled"
-    audit = json.loads((dpo_lora_run / "audit.json").read_text())
+    audit = json.loads((dpo_lora_run / "audit.json").read_text())["datasets"]
     assert audit[0]["rows"] == 32 and audit[-1]["rows_kept_by_trl"] == 32 and audit[-1]["truncated_rows"] == 0
 
 
@@ -106,7 +106,7 @@ def test_kto_on_unpaired_rows_trains(tmp_path, torch_one_thread):
     values = losses(run_dir)
     assert sum(values[-3:]) / 3 < 0.92 * sum(values[:3]) / 3, values
     assert series(run_dir, "rewards/margins")[-1] > 0.3
-    audit = json.loads((run_dir / "audit.json").read_text())[-1]
+    audit = json.loads((run_dir / "audit.json").read_text())["datasets"][-1]
     assert audit["desirable"] + audit["undesirable"] == 64 and audit["desirable"] > 20 and audit["undesirable"] > 20
 
 

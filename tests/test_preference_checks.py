@@ -103,7 +103,7 @@ def cases(tmp: Path) -> dict[str, tuple[dict, str]]:
         ("continue_adapter_full", recipe(model={"path": str(sft_run)}, adapter={"kind": "full"}),
          "adapter.kind: is 'full', but model.path"),
         ("merged_missing", recipe(model={"path": str(sft_run), "start_from": "merged"}),
-         "merged/config.json is missing; run `finetune merge"),
+         "merged holds no finished merge; run `finetune merge"),
         ("adapter_dir_as_model", recipe(model={"path": str(sft_run / "adapter")}),
          f"model.path: {sft_run / 'adapter'} is an adapter, not a model; point model.path at its run directory"),
         ("full_run_has_no_adapter", recipe(model={"path": str(full_run), "start_from": "adapter"}),

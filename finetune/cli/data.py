@@ -41,16 +41,16 @@ def _prepare(recipe_path: Path, overrides: list[str]):
             f"{', '.join(unpaired)}: format unpaired_preference (KTO rows) is not covered by `finetune data` yet; "
             "`finetune train` checks these rows before the model loads"
         )
-    from finetune.data.prepare import prepare_datasets, set_chat_template
+    from finetune.data.prepare import prepare_datasets
     from finetune.logs import quiet_libraries, stderr
-    from finetune.model.builtin import resolve_model_path
-    from finetune.model.load import load_tokenizer
+    from finetune.model.load import prepare_tokenizer
+    from finetune.model.start import resolve_start
 
+    start = resolve_start(recipe)  # model.path may name an earlier run: its tokenizer, added tokens, template
     # Libraries print to stdout on import (DeepSpeed's accelerator notice); stdout is for our output only.
     with contextlib.redirect_stdout(sys.stderr):
         quiet_libraries()
-        tokenizer = load_tokenizer(resolve_model_path(recipe.model.path), recipe.model)
-        set_chat_template(recipe, tokenizer)
+        tokenizer, _ = prepare_tokenizer(recipe, start)  # the one tokenizer set-up train uses: same cache key
         train, evaluation, audits = prepare_datasets(recipe, tokenizer, stderr)
     return recipe, tokenizer, train, evaluation, audits
 

@@ -15,8 +15,8 @@ from finetune.errors import UserError
     epilog=examples("finetune merge runs/tiny-sft-lora", "finetune merge runs/my-run --dtype bfloat16 --out merged/")
 )
 def merge(
-    source: Path = typer.Argument(
-        ..., help="A run directory (from `finetune train`) or an adapter directory."
+    source: str = typer.Argument(
+        ..., help="A run directory (from `finetune train`), one of its checkpoints, or an adapter directory."
     ),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: <run>/merged)."),
     dtype: str | None = typer.Option(
@@ -27,6 +27,7 @@ def merge(
     max_shard_size: str = typer.Option(
         "5GB", "--max-shard-size", help="Largest safetensors file (e.g. 5GB, 500MB); bigger models are sharded."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier merge in the output directory."),
 ) -> None:
     """Bake an adapter (LoRA family, AdaLoRA, IA³) into its base model and save it as safetensors, verified."""
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
@@ -35,7 +36,7 @@ def merge(
         raise UserError(f"--max-shard-size: expected a size like 5GB or 500MB, found {max_shard_size!r}")
     from finetune.merge.bake import run_merge
 
-    run_merge(source, out=out, dtype=dtype, max_shard_size=max_shard_size)
+    run_merge(source, out=out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
 
 
 @app.command(
@@ -45,7 +46,7 @@ def merge(
     )
 )
 def export(
-    source: Path = typer.Argument(..., help="A run directory, a merged or full model directory, or an adapter."),
+    source: str = typer.Argument(..., help="A run directory, a merged or full model directory, or an adapter."),
     format: str = typer.Option(..., "--format", help="gguf (llama.cpp, Ollama) or vllm (print a serve command)."),
     quant: str = typer.Option("f16", "--quant", help="GGUF weight type: f16, q8_0 or f32."),
     out: Path | None = typer.Option(None, "--out", help="GGUF file to write (default: next to the model)."),
@@ -57,8 +58,6 @@ def export(
 
         export_gguf(source, quant=quant, out=out)
     elif format == "vllm":
-        if not source.exists():
-            raise UserError(f"{source}: no such run or adapter directory")
         from finetune.export.vllm import vllm_command
 
         typer.echo(vllm_command(source, name=name))

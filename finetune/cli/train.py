@@ -43,8 +43,10 @@ def train(
     import shlex
 
     from finetune.recipe import load_recipe
+    from finetune.train.interrupt import interruptible
 
-    loaded = load_recipe(recipe, overrides)
+    with interruptible("reading the recipe", "nothing was written; run the same command again"):
+        loaded = load_recipe(recipe, overrides)
     if loaded.recipe.distributed.strategy != "none":
         if resume is not None:
             raise UserError(

@@ -51,8 +51,12 @@ class GgufResult:
     tensors: int
 
 
-def write_gguf(model_dir: Path, out: Path, *, quant: str = "f16", log=None) -> GgufResult:
-    """Write the transformers checkpoint in `model_dir` (config, safetensors, tokenizer) as GGUF."""
+def write_gguf(model_dir: Path, out: Path, *, quant: str = "f16", log=None,
+               metadata: dict[str, str] | None = None) -> GgufResult:
+    """Write the transformers checkpoint in `model_dir` (config, safetensors, tokenizer) as GGUF.
+
+    `metadata`: extra string keys for the header (the export's origin, run.records.GGUF_SOURCE_*).
+    """
     import gguf
 
     if quant not in QUANTS:
@@ -71,6 +75,8 @@ def write_gguf(model_dir: Path, out: Path, *, quant: str = "f16", log=None) -> G
     # use_temp_file: tensors are spooled to disk as they are added, so memory holds one at a time
     writer = gguf.GGUFWriter(out, arch, use_temp_file=True)
     _write_hparams(writer, config, model_dir, quant)
+    for key, value in (metadata or {}).items():
+        writer.add_string(key, value)
     _write_tokenizer(writer, model_dir, config["vocab_size"], pre)
     count = _write_tensors(writer, model_dir, config, arch, permute, quant)
     writer.write_header_to_file()

@@ -10,14 +10,18 @@ from finetune.errors import UserError
 from finetune.logs import stderr
 
 
-def vllm_command(source: Path, *, name: str | None = None) -> str:
-    """The `vllm serve` command that serves the base with this adapter hot-swappable as `name`."""
+def vllm_command(source: str | Path, *, name: str | None = None) -> str:
+    """The `vllm serve` command that serves the base with this adapter hot-swappable as `name`.
+
+    For a run that continued an earlier run's adapter the base is the true base of the chain
+    (finetune.run.resolve); for one trained on an earlier run's merge, that merge.
+    """
     from finetune.inference.load import resolve_source
 
     resolved = resolve_source(str(source))
+    base = str(Path(resolved.base).resolve()) if Path(resolved.base).is_dir() else resolved.base  # vllm's own cwd
     if not resolved.adapters:
-        model = resolved.base
-        return f"vllm serve {shlex.quote(model)}"
+        return f"vllm serve {shlex.quote(base)}"
     [(default_name, adapter_dir)] = resolved.adapters
     config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
@@ -25,7 +29,7 @@ def vllm_command(source: Path, *, name: str | None = None) -> str:
     if config.get("use_dora"):
         raise UserError(f"{adapter_dir}: vLLM does not serve DoRA adapters; merge it (`finetune merge`) and serve that")
     parts = [
-        "vllm serve", shlex.quote(resolved.base), "--enable-lora",
+        "vllm serve", shlex.quote(base), "--enable-lora",
         "--lora-modules", shlex.quote(f"{name or default_name}={adapter_dir.resolve()}"),
     ]
     rank = int(config.get("r", 16))

@@ -17,7 +17,6 @@ from finetune.errors import UserError
 from finetune.inference.load import BASE, Loaded, Sampling, generate_texts, prompt_text
 
 METRICS = ("loss", "perplexity", "exact_match", "contains", "json_valid")
-HIGHER_IS_BETTER = {"loss": False, "perplexity": False}
 
 
 @dataclass

@@ -8,12 +8,9 @@ spec (local path, Hub id, builtin:tiny-llama). Adapters go on the base with PEFT
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 from finetune.errors import UserError
 
@@ -30,49 +27,31 @@ class Source:
     run_dir: Path | None = None
     recipe: object | None = None  # the run's Recipe, when the source is a run directory
     original_base: str | None = None  # for a merged or fully trained model: the model it started from
+    revision: str | None = None  # Hub revision of `base`
 
 
 def resolve_source(spec: str) -> Source:
-    """Work out what `spec` names (see the module docstring)."""
-    from finetune.model.builtin import resolve_model_path
+    """What `spec` names, as the base, tokenizer and named adapters to load (finetune.run.resolve decides).
 
-    path = Path(spec)
-    if (path / "recipe.yaml").is_file():
-        from finetune.recipe import recipe_from_dict
+    A run that continued an earlier run's adapter (start_from: adapter) holds that same adapter, trained
+    further: it goes alone on the true base. A run that started from an earlier run's merge has that
+    merge as its base.
+    """
+    from finetune.run.resolve import resolve
 
-        recipe_file = path / "recipe.yaml"
-        recipe = recipe_from_dict(yaml.safe_load(recipe_file.read_text(encoding="utf-8")), str(recipe_file))
-        base = resolve_model_path(recipe.model.path)
-        if recipe.adapter.kind == "full":
-            _require(path / "model" / "config.json", path)
-            return Source(str(path / "model"), str(path / "model"), [], path, recipe, original_base=base)
-        _require(path / "adapter" / "adapter_config.json", path)
+    found = resolve(spec)
+    recipe = found.recipe
+    if found.adapter is None:
+        return Source(found.weights, found.tokenizer, [], found.run.root if found.run else None, recipe,
+                      original_base=found.origin, revision=found.revision)
+    if found.kind == "run":
         name = adapter_name(recipe.name)
-        return Source(base, str(path / "adapter"), [(name, path / "adapter")], path, recipe)
-    if (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"{path}/adapter_config.json: base_model_name_or_path is not set; cannot find the base")
-        tokenizer_dir = str(path) if (path / "tokenizer_config.json").is_file() else base
-        return Source(base, tokenizer_dir, [(adapter_name(path.name), path)])
-    if (path / "config.json").is_file():
-        report = path / "merge_report.json"
-        original = json.loads(report.read_text(encoding="utf-8"))["base"] if report.is_file() else None
-        return Source(str(path), str(path), original_base=original)
-    if path.exists():
-        raise UserError(
-            f"{spec}: not a run, model or adapter directory (no recipe.yaml, config.json or adapter_config.json)"
-        )
-    from finetune.recipe.inputs import refuse_offline_hub
-
-    refuse_offline_hub(spec, "SOURCE")  # before torch loads: offline mode cannot reach a Hub id
-    resolved = resolve_model_path(spec)
-    return Source(resolved, resolved)
-
-
-def _require(file: Path, run_dir: Path) -> None:
-    if not file.is_file():
-        raise UserError(f"{run_dir}: no {file.relative_to(run_dir)}; did the run finish? (see {run_dir}/metrics.jsonl)")
+    elif found.kind == "checkpoint":
+        name = adapter_name(f"{recipe.name}-{found.adapter.name}")
+    else:
+        name = adapter_name(found.adapter.name)
+    return Source(found.weights, found.tokenizer, [(name, found.adapter)], found.run.root if found.run else None,
+                  recipe, revision=found.revision)
 
 
 def adapter_name(text: str) -> str:
@@ -89,17 +68,21 @@ def parse_adapter_flags(flags: list[str]) -> list[tuple[str, Path]]:
             raise UserError(f"--adapter: expected NAME=PATH, found {flag!r}")
         if adapter_name(name) != name or name == BASE:
             raise UserError(f"--adapter: {name!r} is not a usable name (letters, digits, - and _; not 'base')")
-        adapter_dir = Path(path)
-        if not (adapter_dir / "adapter_config.json").is_file():
-            if (adapter_dir / "adapter" / "adapter_config.json").is_file():
-                adapter_dir = adapter_dir / "adapter"  # a run directory
-            else:
-                raise UserError(f"--adapter {flag}: no adapter_config.json in {path}")
-        parsed.append((name, adapter_dir))
+        parsed.append((name, _adapter_dir(flag, path)))
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):
         raise UserError(f"--adapter: names must differ, found {', '.join(names)}")
     return parsed
+
+
+def _adapter_dir(flag: str, path: str) -> Path:
+    """The adapter directory an --adapter PATH names: an adapter, or a run (or checkpoint) holding one."""
+    from finetune.run.resolve import resolve
+
+    found = resolve(path, key=f"--adapter {flag}")
+    if found.adapter is None:
+        raise UserError(f"--adapter {flag}: {path} is a complete model ({found.kind}), not an adapter")
+    return found.adapter
 
 
 @dataclass
@@ -140,7 +123,7 @@ def load(source: Source, extra_adapters: list[tuple[str, Path]] = (), *, log=Non
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     try:
-        config = AutoConfig.from_pretrained(source.base)
+        config = AutoConfig.from_pretrained(source.base, revision=source.revision)
         tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
     except (OSError, ValueError) as exc:
         from finetune.recipe.inputs import refuse_offline_hub
@@ -154,10 +137,13 @@ def load(source: Source, extra_adapters: list[tuple[str, Path]] = (), *, log=Non
         check_adapter_matches_base(path, config, source.base)
     if log:
         log(f"loading {source.base}" + (f" with adapters {', '.join(n for n, _ in adapters)}" if adapters else ""))
-    model = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype, revision=source.revision)
     if adapters:
         from peft import PeftModel
 
+        from finetune.model.vocab import fit_embeddings
+
+        fit_embeddings(model, tokenizer)  # tokens added in training: the adapter holds rows the base lacks
         (first, first_path), rest = adapters[0], adapters[1:]
         model = PeftModel.from_pretrained(model, first_path, adapter_name=first)
         for name, path in rest:

@@ -30,13 +30,9 @@ from finetune.launch.configs import accelerate_config
 from finetune.launch.rules import Context, Machine, check_launch
 from finetune.logs import stderr
 from finetune.recipe import LoadedRecipe, Recipe
+from finetune.run.layout import RunDir
 
 WORKER_MODULE = "finetune.launch.worker"
-ACCELERATE_FILE = "accelerate_config.yaml"
-DEEPSPEED_FILE = "deepspeed.json"
-SCRIPT_FILE = "launch.sh"
-
-ERROR_FILE = "error.txt"  # a worker's UserError, for the launcher to repeat as its last word
 
 Runner = Callable[[list[str], dict[str, str]], int]
 
@@ -86,10 +82,10 @@ def prepare_launch(loaded: LoadedRecipe, machine: Machine | None = None, *, plan
     `planning` (launch-plan) plans for other machines too: what only this machine lacks (cores, GPUs,
     packages) becomes a warning in the plan instead of a refusal.
     """
-    from finetune.train.run import _preflight  # datasets exist, quantisation is installed
+    from finetune.train.checks import check_recipe_inputs  # what validate checks, then model.path's chain
 
     recipe = loaded.recipe
-    _preflight(loaded)
+    check_recipe_inputs(loaded)
     ctx = build_context(recipe, machine, planning=planning)
     warnings = check_launch(ctx, loaded.origins, planning=planning)
     plan = plan_launch(ctx, Path(recipe.run_dir))
@@ -99,16 +95,16 @@ def prepare_launch(loaded: LoadedRecipe, machine: Machine | None = None, *, plan
 
 def plan_launch(ctx: Context, run_dir: Path) -> LaunchPlan:
     """The command and files of a launch that passed the rules (check_launch)."""
-    d, run_dir = ctx.d, run_dir.resolve()
+    d, run = ctx.d, RunDir(run_dir.resolve())
     assert ctx.processes is not None  # check_launch refuses an unresolvable `auto`
     ds = ctx.ds
-    ds_file = run_dir / DEEPSPEED_FILE if ds is not None else None
-    acc_file = run_dir / ACCELERATE_FILE
+    ds_file = run.deepspeed_config if ds is not None else None
+    acc_file = run.accelerate_config
     acc = accelerate_config(d, ctx.processes, ctx.named, ds_file, ctx.zero_stage)
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_file)]
     if d.rdzv_backend != "static":  # read from the command line only (see configs.recipe_owned_values)
         argv += ["--rdzv_backend", d.rdzv_backend]
-    argv += ["-m", WORKER_MODULE, str(run_dir / "recipe.yaml")]
+    argv += ["-m", WORKER_MODULE, str(run.recipe)]
     # one compute thread per process unless the user chose otherwise (torchrun does the same, with a warning)
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if d.strategy == "deepspeed" and ctx.machine.gpus == 0:
@@ -122,7 +118,7 @@ def plan_launch(ctx: Context, run_dir: Path) -> LaunchPlan:
     if ds_file is not None:
         files[ds_file] = json.dumps(ds, indent=2) + "\n"
     env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    files[run_dir / SCRIPT_FILE] = (
+    files[run.launch_script] = (
         "#!/usr/bin/env bash\n# The command `finetune train` ran for this run. Running it again trains again, "
         "writing into this directory.\n"
         f"cd {shlex.quote(os.getcwd())}\n{env_text} exec {shlex.join(argv)}\n"
@@ -186,21 +182,23 @@ def launch_training(
     run_dir = Path(recipe.run_dir)
     check_claimable(run_dir, overwrite=overwrite, resume=False)  # before the machine (torch) is looked at
     plan = prepare_launch(loaded, machine)
-    lock = claim_run_dir(run_dir, overwrite=overwrite, resume=False)  # held until the workers end
+    lock = claim_run_dir(run_dir, overwrite=overwrite, resume=False, log=log)  # held until the workers end
     try:
         recipe_yaml = yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
-        write_atomic(run_dir / "recipe.yaml", recipe_yaml)
+        write_atomic(RunDir(run_dir).recipe, recipe_yaml)
         return _launch(plan, run_dir, runner, log)
     finally:
         lock.release()
 
 
 def _launch(plan, run_dir: Path, runner, log) -> Path:
-    for name in (ACCELERATE_FILE, DEEPSPEED_FILE, SCRIPT_FILE, ERROR_FILE):  # an earlier run's (--overwrite)
-        (run_dir / name).unlink(missing_ok=True)
+    run = RunDir(run_dir)
+    # an earlier run's (--overwrite clears them too; a bare `finetune train` never reaches here over a run)
+    for path in (run.accelerate_config, run.deepspeed_config, run.launch_script, run.launch_error):
+        path.unlink(missing_ok=True)
     for path, text in plan.files.items():
         path.write_text(text, encoding="utf-8")
-    error_file = run_dir / ERROR_FILE
+    error_file = run.launch_error
     log(f"run directory: {run_dir}  (resolved recipe, {', '.join(p.name for p in plan.files)})")
     log(f"launching {plan.summary}: {plan.command}")
     runner = runner or functools.partial(run_command, error_file=error_file)
@@ -210,7 +208,7 @@ def _launch(plan, run_dir: Path, runner, log) -> Path:
             raise UserError(f"training stopped: {error_file.read_text(encoding='utf-8').strip()}")
         raise LaunchFailed(
             f"the training processes failed (exit code {code}); their messages are above. "
-            f"The same launch again: bash {run_dir / SCRIPT_FILE}"
+            f"The same launch again: bash {run.launch_script}"
         )
     return run_dir
 
@@ -221,5 +219,6 @@ def describe_launch(loaded: LoadedRecipe, machine: Machine | None = None) -> str
     if recipe.distributed.strategy == "none":
         return "# one process: `finetune train` trains in its own process; no launcher, no launch files\n"
     plan = prepare_launch(loaded, machine, planning=True)
-    note = f"# nothing started; `finetune train` writes {recipe.run_dir}/recipe.yaml and the files below, then runs"
+    recipe_file = RunDir.at(recipe.run_dir).recipe
+    note = f"# nothing started; `finetune train` writes {recipe_file} and the files below, then runs"
     return note + "\n" + plan.render()

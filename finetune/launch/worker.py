@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from finetune.errors import UserError
-from finetune.launch.launcher import ERROR_FILE
 from finetune.launch.processes import is_local_main_process, is_main_process
 from finetune.logs import stderr
+from finetune.run.layout import RunDir
 
 
 def run_worker(recipe_path: Path) -> Path:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         # launcher repeats it after the launcher's own report of the failed processes.
         if is_local_main_process():
             print(f"error: {exc.render()}", file=sys.stderr, flush=True)
-            (recipe_path.parent / ERROR_FILE).write_text(exc.render() + "\n", encoding="utf-8")
+            RunDir(recipe_path.parent).launch_error.write_text(exc.render() + "\n", encoding="utf-8")
         sys.exit(exc.exit_code)
 
 

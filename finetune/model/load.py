@@ -65,13 +65,16 @@ def check_quantisation_available(recipe: Recipe) -> None:
         )
 
 
-def load_tokenizer(path: str, section: ModelSection):
-    """Load the tokenizer; give it a pad token if it has none (the eos token, as TRL does)."""
+def load_tokenizer(path: str, section: ModelSection, *, revision: str | None = None):
+    """Load the tokenizer; give it a pad token if it has none (the eos token, as TRL does).
+
+    `revision` overrides model.revision (the base of an earlier run keeps that run's revision).
+    """
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            path, revision=section.revision, trust_remote_code=section.trust_remote_code
+            path, revision=revision or section.revision, trust_remote_code=section.trust_remote_code
         )
     except (OSError, ValueError) as exc:
         from finetune.recipe.inputs import refuse_offline_hub
@@ -81,6 +84,23 @@ def load_tokenizer(path: str, section: ModelSection):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def prepare_tokenizer(recipe: Recipe, start):
+    """The tokenizer training uses, built the one way train and `finetune data` share.
+
+    From where training starts (`start.tokenizer`: the base, or an earlier run's adapter with its
+    added tokens and template), with model.add_special_tokens added and the recipe's chat template
+    set, in that order: the data cache key hashes the result, so any other order would miss the
+    cache `finetune data prepare` filled. Returns (tokenizer, the tokens that were new).
+    """
+    from finetune.data.prepare import set_chat_template
+    from finetune.model.vocab import add_special_tokens
+
+    tokenizer = load_tokenizer(start.tokenizer, recipe.model, revision=start.revision)
+    new_tokens = add_special_tokens(tokenizer, recipe.model.add_special_tokens)
+    set_chat_template(recipe, tokenizer)
+    return tokenizer, new_tokens
 
 
 def load_model(path: str, recipe: Recipe, precision: Precision, *, revision: str | None = None):

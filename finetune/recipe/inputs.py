@@ -113,15 +113,15 @@ def hub_offline_message(repo_id: str, key: str, kind: str = "model") -> str:
     )
 
 
-def refuse_offline_hub(path: str, key: str) -> None:
-    """Raise the offline-mode message when `path` can only be a Hub model that offline mode cannot reach."""
-    if (
-        hub_offline()
-        and looks_like_hub_model(path)
-        and not Path(path).exists()
-        and not (hub_cache() / f"models--{path.replace('/', '--')}").is_dir()
-    ):
-        raise UserError(hub_offline_message(path, key))
+def refuse_offline_hub(repo_id: str, key: str) -> None:
+    """Raise the offline-mode message for a Hub model id that offline mode cannot reach (not in the cache).
+
+    A local path (one that exists) or a builtin: name is never a Hub id: nothing happens then.
+    """
+    if repo_id.startswith("builtin:") or Path(repo_id).expanduser().exists():
+        return
+    if hub_offline() and not (hub_cache() / f"models--{repo_id.replace('/', '--')}").is_dir():
+        raise UserError(hub_offline_message(repo_id, key))
 
 
 def _check_hub(path: KeyPath, repo_id: str, kind: str, found: _Findings) -> None:
@@ -140,68 +140,56 @@ def _datasets_cached(repo_id: str) -> bool:
     return (root / repo_id.replace("/", "___")).is_dir()
 
 
-def looks_like_hub_model(path: str) -> bool:
-    """`org/name`: one slash, not a relative or absolute path."""
-    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and all(path.split("/"))
-
-
 # --- model ----------------------------------------------------------------------------------------
 
 
 def _check_model(recipe: Recipe, found: _Findings) -> None:
-    from finetune.model.builtin import BUILTIN_MODELS, BUILTIN_PREFIX
-    from finetune.run.layout import RunDir
+    """model.path: what it names (finetune.run.resolve.locate reads only marker files), and what that needs.
+
+    An earlier run, an adapter or a start_from setting goes through train's own resolve_start, unless
+    that would provision a built-in model first (a download or build: train does it).
+    """
+    from finetune.model.builtin import BUILTIN_MODELS
+    from finetune.model.start import resolve_start
+    from finetune.run.resolve import locate
 
     key = ("model", "path")
     spec = recipe.model.path
-    if spec.startswith(BUILTIN_PREFIX):
-        _check_builtin(key, spec, sorted(BUILTIN_MODELS), "model", found)
-        return
-    local = Path(spec).expanduser()
-    run = RunDir.at(local)
-    if recipe.model.start_from != "auto" and not run.exists():
-        state = "does not exist" if not local.exists() else f"has no {run.recipe.name}"
-        found.problem(("model", "start_from"), f"is '{recipe.model.start_from}', so model.path must be the directory "
-                      f"of an earlier `finetune train` run, but {spec} {state}; train that run first (or fix the path, "
-                      "or remove start_from to use model.path as a base model)")
-    elif local.is_file():
-        found.problem(key, f"{spec} is a file; model.path is a model directory (with config.json), a Hub id "
-                      "(org/name), an earlier run's directory, or builtin:NAME")
-    elif run.exists():
-        _check_run(key, run, recipe.model.start_from, found)
-    elif local.is_dir():
-        _check_model_dir(key, local, found)
-    elif looks_like_hub_model(spec):  # or a local directory that does not exist (yet)
-        _check_hub(key, spec, "model", found)
-    else:
-        found.problem(key, f"no such directory: {spec} (relative paths are relative to the current directory, "
-                      f"{Path.cwd()})")
-
-
-def _check_model_dir(key: KeyPath, local: Path, found: _Findings) -> None:
-    from finetune.model.start import _refuse_adapter_dir
-
-    if (local / "adapter_config.json").is_file():
-        found.guard(key, lambda: _refuse_adapter_dir(str(local), "model"))  # train's own message
-    elif not (local / "config.json").is_file():
-        gguf = sorted(p.name for p in local.glob("*.gguf"))
-        hint = f"; it holds {gguf[0]}, a GGUF file, which is for inference, not a training base" if gguf else ""
-        found.problem(key, f"{local} has no config.json, so it is not a Hugging Face model directory{hint}; point "
-                      "model.path at the folder holding config.json and the weights")
-
-
-def _check_run(key: KeyPath, run, start_from: str, found: _Findings) -> None:
-    """An earlier run as the base: its recipe reads, and what start_from needs from it exists."""
     try:
-        earlier = run.read_recipe()
-    except UserError as exc:
-        found.problem(key, f"{run.root} is a run directory whose recipe cannot be read: {exc.render()}")
+        kind = "start" if recipe.model.start_from != "auto" else locate(spec).kind
+    except UserError as exc:  # a missing local path (with a did-you-mean), a file, a folder that holds no model
+        found.problem(key, exc.render())
         return
-    needed = run.merged if start_from == "merged" else run.artifact(earlier.adapter.kind)
-    marker = needed / ("adapter_config.json" if needed == run.adapter else "config.json")
-    if not marker.is_file():
-        hint = f"run `finetune merge {run.root}` first" if start_from == "merged" else "did that run finish?"
-        found.problem(key, f"{run.root} is a run directory but {marker} is missing; {hint}")
+    if kind == "builtin":
+        _check_builtin(key, spec, sorted(BUILTIN_MODELS), "model", found)
+    elif kind == "hub":
+        _check_hub(key, spec, "model", found)
+    elif kind != "model":
+        unprovisioned = _unprovisioned_base(spec)
+        if unprovisioned:
+            found.note(key, f"an earlier run on {unprovisioned}, which is provisioned on first use; `finetune train` "
+                       "checks the run's outputs after that")
+        else:
+            found.guard(key, lambda: resolve_start(recipe))  # train's own checks and messages
+
+
+def _unprovisioned_base(spec: str) -> str | None:
+    """The builtin: base at the root of a chain of earlier runs, if it is not provisioned yet."""
+    from finetune.model.builtin import BUILTIN_MODELS, BUILTIN_PREFIX, cache_state
+    from finetune.run.layout import RunDir
+
+    for _ in range(16):
+        if spec.startswith(BUILTIN_PREFIX):
+            model = BUILTIN_MODELS.get(spec[len(BUILTIN_PREFIX) :])
+            return spec if model is not None and cache_state(model)[0] != "cached" else None
+        run = RunDir.at(Path(spec).expanduser())
+        if not run.exists():
+            return None
+        try:
+            spec = run.read_recipe().model.path
+        except UserError:
+            return None  # resolve_start says what is wrong with it
+    return None
 
 
 # --- data -----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ user will not wait: the process exits straight away, without a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -78,3 +79,16 @@ class RunInterrupted(UserError):
     def __init__(self, message: str, *, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def interruptible(what: str, then: str):
+    """Ctrl-C inside the block ends the command with one line: what was interrupted and what to do (exit 130).
+
+    Training itself is covered by StopRequest (a checkpoint, then a resume command); this covers
+    every other moment of `finetune train`: reading the recipe, checks, data, model loading, saving.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"Ctrl-C while {what}; {then}", exit_code=128 + signal.SIGINT) from None

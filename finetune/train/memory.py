@@ -24,8 +24,6 @@ from finetune.train.sft_options import resolve_batching, resolve_lm_head
 GiB = 2**30
 CUDA_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspaces, allocator slack: outside max_memory_allocated
 CPU_RUNTIME = 1.5 * GiB  # Python with torch, transformers, peft and trl imported (measured RSS, docs/memory.md)
-ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -179,11 +177,12 @@ def read_shape(config_path: Path) -> ModelShape:
     )
 
 
-def load_shape(model_path: str, revision: str | None = None) -> ModelShape:
-    """Resolve builtin names, find config.json and read it."""
-    from finetune.model.builtin import resolve_model_path
+def load_shape(recipe: Recipe) -> ModelShape:
+    """The shape of the model a recipe trains: model.path resolved (builtin names, earlier runs), its config.json."""
+    from finetune.model.start import resolve_start
 
-    return read_shape(find_config(resolve_model_path(model_path), revision))
+    start = resolve_start(recipe)
+    return read_shape(find_config(start.base, start.revision))
 
 
 # --- the estimate -----------------------------------------------------------------------------------------------
@@ -428,7 +427,7 @@ def render(recipe_name: str, shape: ModelShape, est: Estimate, *, budget: float 
 def plan_report(recipe: Recipe, source: str, *, gpu_memory: str | None = None, processes: int | None = None,
                 zero_stage: int | None = None) -> tuple[str, bool | None]:
     """`finetune plan`: the table and verdict, and whether it fits (None when no budget is known)."""
-    shape = load_shape(recipe.model.path, recipe.model.revision)
+    shape = load_shape(recipe)
     sharding = sharding_from_recipe(recipe, processes, zero_stage)
     if gpu_memory is not None:
         device, memory, label = "cuda", parse_size(gpu_memory), f"--gpu-memory {gpu_memory}"

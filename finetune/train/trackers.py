@@ -17,6 +17,7 @@ from pathlib import Path
 from finetune.errors import UserError
 from finetune.recipe.schema import Recipe
 from finetune.redact import redact
+from finetune.run.layout import RunDir
 
 PACKAGES = {"wandb": ("wandb", "pip install 'finetune[wandb]'"),
             "tensorboard": ("tensorboard", "pip install 'finetune[tensorboard]'"),
@@ -58,8 +59,8 @@ def tracker_env(run_dir: Path) -> Callable[[], None]:
     """
     defaults = {
         "WANDB_DIR": str(run_dir),  # wandb/ (offline runs, logs)
-        "TENSORBOARD_LOGGING_DIR": str(run_dir / "tensorboard"),
-        "MLFLOW_TRACKING_URI": (run_dir / "mlruns").resolve().as_uri(),
+        "TENSORBOARD_LOGGING_DIR": str(RunDir(run_dir).tracker_dir("tensorboard")),
+        "MLFLOW_TRACKING_URI": RunDir(run_dir).tracker_dir("mlflow").resolve().as_uri(),
         # mlflow 3 refuses a local file store unless asked; a database store would need sqlalchemy
         "MLFLOW_ALLOW_FILE_STORE": "true",
     }

@@ -11,12 +11,13 @@ from typing import Any
 from finetune.recipe import Recipe
 from finetune.recipe.methods import PREFERENCE_KINDS
 from finetune.redact import redact_text
+from finetune.run.layout import RunDir
 
 
 def training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
     t = recipe.training
     return {
-        "output_dir": str(run_dir / "checkpoints"),
+        "output_dir": str(RunDir(run_dir).checkpoints),
         "per_device_train_batch_size": t.micro_batch_size,
         "per_device_eval_batch_size": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -56,7 +57,7 @@ def training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> d
 def _callbacks(run_dir: Path):
     from finetune.train.progress import MetricsLog, ProgressDisplay
 
-    return [ProgressDisplay(), MetricsLog(run_dir / "metrics.jsonl")]
+    return [ProgressDisplay(), MetricsLog(RunDir(run_dir).metrics)]
 
 
 def _quiet_default_printer(trainer) -> None:
