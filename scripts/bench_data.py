@@ -50,9 +50,9 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
 def time_pipeline(data: Path, model: str, num_proc: int, cache: Path) -> dict:
     import finetune.data.cache
     from finetune.data.prepare import prepare_datasets, set_chat_template
-    from finetune.model import load_tokenizer
+    from finetune.model.builtin import resolve_model_path
+    from finetune.model.load import load_tokenizer
     from finetune.recipe import recipe_from_dict
-    from finetune.tiny import resolve_model_path
 
     finetune.data.cache.cache_root = lambda: cache  # a cold data cache; the model stays where it is
     recipe = recipe_from_dict({
@@ -75,9 +75,9 @@ def time_pipeline(data: Path, model: str, num_proc: int, cache: Path) -> dict:
 def time_baseline(data: Path, model: str, num_proc: int, cache: Path, masks: bool) -> dict:
     import datasets
 
-    from finetune.model import load_tokenizer
+    from finetune.model.builtin import resolve_model_path
+    from finetune.model.load import load_tokenizer
     from finetune.recipe.schema import ModelSection
-    from finetune.tiny import resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(model), ModelSection(path=model))
 

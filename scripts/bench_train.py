@@ -124,7 +124,7 @@ def build_tokenizer(vocab: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from finetune.tiny import CHAT_TEMPLATE, IM_END, IM_START, PAD_TOKEN
+    from finetune.model.tiny import CHAT_TEMPLATE, IM_END, IM_START, PAD_TOKEN
 
     specials = [PAD_TOKEN, IM_START, IM_END, "<unk>"]
     words = ["system", "user", "assistant"]

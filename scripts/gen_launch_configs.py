@@ -1,17 +1,18 @@
-"""Regenerate the shipped launch configs in configs/ from the builders: python scripts/gen_launch_configs.py
+"""Regenerate the shipped launch presets (finetune/resources/launch/) from the builders.
+
+Run: python scripts/gen_launch_configs.py.
 
 The files are what `finetune train` would generate for the same settings (tests/test_launch.py checks it),
 so naming `distributed.config: zero3` and writing `zero_stage: 3` run the same thing.
 """
 
 import json
-from pathlib import Path
 
 import yaml
 
-from finetune.launch.configs import deepspeed_config, fsdp_config
+from finetune.launch.configs import configs_dir, deepspeed_config, fsdp_config
 
-ROOT = Path(__file__).resolve().parent.parent / "configs"
+ROOT = configs_dir()
 
 DEEPSPEED = {
     "zero1": deepspeed_config(1),

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.gguf_export import QUANTS, write_gguf
-from finetune.merge import VERIFY_PROMPTS
+from finetune.export.gguf_writer import QUANTS, write_gguf
+from finetune.merge.bake import VERIFY_PROMPTS
 
 
 def main(model_dir: Path) -> None:

@@ -22,7 +22,7 @@ def train_keeping_trainer(tmp_path: Path, monkeypatch, name: str, log: list | No
 
     `_save_outputs` is wrapped, not replaced: the real saving code runs.
     """
-    import finetune.train as train_module
+    import finetune.train.run as train_module
     from finetune.recipe import load_recipe
 
     kept = {}
@@ -44,9 +44,9 @@ def load_base(run_dir: Path, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from finetune.model.builtin import resolve_model_path
+    from finetune.model.vocab import fit_embeddings
     from finetune.recipe import load_recipe
-    from finetune.tiny import resolve_model_path
-    from finetune.vocab import fit_embeddings
 
     recipe = load_recipe(run_dir / "recipe.yaml").recipe
     kwargs = {"dtype": torch.float32}
@@ -82,7 +82,7 @@ def assert_reloads_identically(run_dir: Path, trainer) -> float:
 
 
 def assert_merges(run_dir: Path, tmp_path: Path) -> dict:
-    from finetune.merge import run_merge
+    from finetune.merge.bake import run_merge
 
     out = run_merge(run_dir, out=tmp_path / "merged", log=lambda _: None)
     report = json.loads((out / "merge_report.json").read_text())
@@ -140,7 +140,7 @@ def test_loftq_starts_closer_to_the_full_precision_model(torch_one_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from finetune.adapters.hooks import apply_loftq
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     path = resolve_model_path("builtin:tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -161,7 +161,7 @@ def test_loftq_starts_closer_to_the_full_precision_model(torch_one_thread):
 
 def test_qlora_loftq_trains_reloads_and_merge_refuses(tmp_path, monkeypatch, torch_one_thread):
     pytest.importorskip("bitsandbytes")
-    from finetune.merge import run_merge
+    from finetune.merge.bake import run_merge
 
     adapter = {"kind": "qlora", "r": 4, "alpha": 8, "dropout": 0.0, "init": "loftq", "target_modules": ["q_proj"]}
     run_dir, trainer = train_keeping_trainer(tmp_path, monkeypatch, "loftq", adapter=adapter)
@@ -220,7 +220,7 @@ def test_ia3_trains_with_dpo(tmp_path, monkeypatch, torch_one_thread):
 
 
 def test_prompt_tuning_reloads_and_merge_says_why_not(tmp_path, monkeypatch, torch_one_thread):
-    from finetune.merge import run_merge
+    from finetune.merge.bake import run_merge
 
     adapter = {"kind": "prompt_tuning", "num_virtual_tokens": 6, "init": "text", "init_text": "Answer briefly."}
     run_dir, trainer = train_keeping_trainer(tmp_path, monkeypatch, "prompt", adapter=adapter)
@@ -249,7 +249,7 @@ def test_full_training_of_named_modules_freezes_the_rest(tmp_path, monkeypatch, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     adapter = {"kind": "full", "trainable_modules": ["layers.3.mlp", "lm_head"]}
     run_dir, trainer = train_keeping_trainer(tmp_path, monkeypatch, "partial", adapter=adapter,
@@ -265,7 +265,7 @@ def test_new_tokens_are_trained_saved_and_kept_by_merge(tmp_path, monkeypatch, t
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     adapter = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "modules_to_save": ["embed_tokens", "lm_head"]}
     run_dir, trainer = train_keeping_trainer(

@@ -134,7 +134,7 @@ def test_module_types_group_parameters_by_what_holds_them():
 @pytest.fixture(scope="module")
 def layout():
     from finetune.adapters.targets import read_layout
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     return read_layout(resolve_model_path("builtin:tiny-llama"), recipe({"kind": "lora"}))
 
@@ -210,7 +210,7 @@ def test_predicted_targets_are_what_peft_wraps(adapter, torch_one_thread):
 
     from finetune.adapters.configs import build_peft_config
     from finetune.adapters.targets import excluded_as_saved, select
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     path = resolve_model_path("builtin:tiny-llama")
     parsed = recipe(adapter)
@@ -238,7 +238,7 @@ def test_adalora_penalty_is_the_one_peft_adds_to_a_model_loss(torch_one_thread):
 
     from finetune.adapters.configs import build_peft_config
     from finetune.adapters.hooks import orthogonality_penalty
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     path = resolve_model_path("builtin:tiny-llama")
     ids = torch.arange(3, 40).reshape(1, -1)

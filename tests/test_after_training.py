@@ -33,7 +33,7 @@ def run(tmp_path_factory, torch_one_thread):
 
 @pytest.fixture(scope="module")
 def merged(run):
-    from finetune.merge import run_merge
+    from finetune.merge.bake import run_merge
 
     return run_merge(run, max_shard_size="1MB", log=lambda _: None)  # the default place: <run>/merged
 
@@ -45,7 +45,7 @@ def other_adapter(run, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))
@@ -56,7 +56,7 @@ def other_adapter(run, tmp_path_factory):
 
 
 def base_path() -> str:
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     return resolve_model_path("builtin:tiny-llama")
 
@@ -110,7 +110,7 @@ def test_merge_refuses_prompt_tuning_adapter_from_the_cli(run, tmp_path):
 
 
 def test_merge_refuses_gptq_base(run, tmp_path):
-    from finetune.merge import run_merge
+    from finetune.merge.bake import run_merge
 
     base = _base_copy(tmp_path, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
     with pytest.raises(UserError, match=r"already quantised \(gptq\)"):
@@ -119,7 +119,7 @@ def test_merge_refuses_gptq_base(run, tmp_path):
 
 
 def test_merge_refuses_adapter_of_another_shape(run, tmp_path):
-    from finetune.merge import run_merge
+    from finetune.merge.bake import run_merge
 
     base = _base_copy(tmp_path, intermediate_size=256)
     with pytest.raises(UserError, match="does not fit the base") as caught:
@@ -141,7 +141,7 @@ def _read_gguf(path: Path, **kwargs):
 def test_gguf_round_trip_through_transformers_reader(merged, tmp_path, quant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.export import export_gguf
+    from finetune.export.gguf import export_gguf
 
     out = export_gguf(merged, quant=quant, out=tmp_path / f"m-{quant}.gguf", log=lambda _: None)
     model, tokenizer = _read_gguf(out)
@@ -171,8 +171,8 @@ def test_gguf_round_trip_qwen(arch, tmp_path, torch_one_thread):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
-    from finetune.gguf_export import write_gguf
-    from finetune.tiny import build_tokenizer
+    from finetune.export.gguf_writer import write_gguf
+    from finetune.model.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     shape = dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=384, num_hidden_layers=2,
@@ -190,7 +190,7 @@ def test_gguf_round_trip_qwen(arch, tmp_path, torch_one_thread):
 
 
 def test_gguf_refuses_unsupported_architecture_by_name(tmp_path):
-    from finetune.gguf_export import write_gguf
+    from finetune.export.gguf_writer import write_gguf
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(UserError, match=r"supports llama, mistral, qwen2, qwen3 models; this one is 'gpt2'"):
@@ -203,7 +203,7 @@ def test_llama3_rope_factors_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from finetune.gguf_export import llama3_rope_factors
+    from finetune.export.gguf_writer import llama3_rope_factors
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -239,7 +239,7 @@ def test_vllm_command_and_the_adapter_loads_as_is(run):
 def test_chat_switches_adapters_on_one_base_and_base_restores_its_outputs(run, other_adapter):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.inference import Loaded, Sampling, Source, generate_texts, prompt_text
+    from finetune.inference.load import Loaded, Sampling, Source, generate_texts, prompt_text
 
     script = f"{QUESTION}\n/reset\n/adapter other\n{QUESTION}\n/reset\n/base\n{QUESTION}\n/quit\n"
     result = subprocess.run(
@@ -263,8 +263,8 @@ def test_chat_switches_adapters_on_one_base_and_base_restores_its_outputs(run, o
 
 
 def test_generate_is_batched_per_adapter_and_resumes_without_truncating(run, other_adapter, tmp_path):
-    from finetune.generate import read_prompts, run_generate
-    from finetune.inference import Sampling, load, resolve_source
+    from finetune.inference.generate import read_prompts, run_generate
+    from finetune.inference.load import Sampling, load, resolve_source
 
     prompts_file = tmp_path / "prompts.jsonl"
     shutil.copy(REPO / "finetune/resources/data/sample_eval_chat.jsonl", prompts_file)
@@ -322,8 +322,8 @@ def test_eval_prints_a_before_after_table(run, tmp_path):
 def test_eval_loss_matches_a_direct_computation(run):
     import torch
 
-    from finetune.evaluate import loss_dataset, mean_loss
-    from finetune.inference import load, resolve_source
+    from finetune.inference.evaluate import loss_dataset, mean_loss
+    from finetune.inference.load import load, resolve_source
     from finetune.recipe.schema import DataSection, DatasetSpec
 
     loaded = load(resolve_source(str(run)))
@@ -339,7 +339,7 @@ def test_eval_loss_matches_a_direct_computation(run):
 
 
 def test_task_metrics():
-    from finetune.evaluate import Task, task_metrics
+    from finetune.inference.evaluate import Task, task_metrics
 
     tasks = [Task("q", "Paris.", False, "1"), Task("q", "7", False, "2"), Task("q", '{"a": 1}', True, "3")]
     metrics = task_metrics(tasks, ["paris", "It is 7.", '```json\n{"a": 2}\n```'])
@@ -349,7 +349,7 @@ def test_task_metrics():
 def test_lm_eval_missing_is_a_clear_message(monkeypatch):
     import importlib.util
 
-    from finetune.lm_eval_tasks import check_lm_eval
+    from finetune.inference.lm_eval import check_lm_eval
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
@@ -359,7 +359,7 @@ def test_lm_eval_missing_is_a_clear_message(monkeypatch):
 
 def test_lm_eval_local_task_runs_on_base_and_tuned(run, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
-    from finetune.evaluate import run_eval
+    from finetune.inference.evaluate import run_eval
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = tmp_path / "capitals.jsonl"
@@ -380,7 +380,7 @@ def test_lm_eval_local_task_runs_on_base_and_tuned(run, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["export", ".", "--format", "zip"], "--format: expected gguf or vllm, found 'zip'"),
-    (["export", "nowhere", "--format", "gguf"], "nowhere: no such run, model or adapter directory"),
+    (["export", "nowhere", "--format", "gguf"], "nowhere: no such directory"),
     (["chat", "builtin:tiny-llama", "--adapter", "noequals"], "--adapter: expected NAME=PATH"),
     (["generate", "x", "--prompts", "missing.jsonl", "--out", "o.jsonl"], "no such file: missing.jsonl"),
     (["eval", "builtin:tiny-llama", "--adapter", "base=x"], "'base' is not a usable name"),

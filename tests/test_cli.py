@@ -23,6 +23,7 @@ RECIPE = str(REPO / "recipes/tiny/sft_lora.yaml")
         ["init", "{tmp}/new.yaml"],
         ["train", "--help"],
         ["--version"],
+        ["models"],
     ],
     ids=lambda a: " ".join(a[:1]),
 )
@@ -64,7 +65,7 @@ def test_three_mistakes_give_three_messages_exit_2_no_traceback_nothing_written(
         (["validate", "missing.yaml"], "missing.yaml: cannot read the recipe: no such file"),
         (["validate", RECIPE, "--set", "training.lr=1"], "unknown key; did you mean"),
         (["validate", RECIPE, "--set", "nokey"], "expected KEY.PATH=VALUE"),
-        (["merge", "nowhere"], "nowhere: no such run or adapter directory"),
+        (["merge", "nowhere"], "nowhere: no such directory"),
         (["merge", "x", "--dtype", "fp8"], "--dtype: expected float32, bfloat16 or float16"),
         (["tiny-model", "out", "--arch", "gpt9"], "--arch: expected llama or qwen3"),
     ],

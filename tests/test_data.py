@@ -22,8 +22,8 @@ GOOD = {"messages": [USER, {"role": "assistant", "content": "The capital of Fran
 
 def tokenizer_for(recipe):
     from finetune.data.prepare import set_chat_template
-    from finetune.model import load_tokenizer
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
+    from finetune.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.path), recipe.model)
     set_chat_template(recipe, tokenizer)

@@ -16,7 +16,7 @@ QUICK = ["training.max_steps=2", "training.logging_steps=1", "training.eval_step
 
 
 def train(recipe: str, out: Path, *overrides: str) -> tuple[Path, list[str]]:
-    from finetune.train import run_training
+    from finetune.train.run import run_training
 
     lines: list[str] = []
     loaded = load_recipe(REPO / "recipes/tiny" / recipe, [*QUICK, f"output.dir={out}", *overrides])
@@ -29,7 +29,7 @@ def test_shipped_format_recipes_train(recipe, tmp_path, torch_one_thread):
     assert (run_dir / "adapter/adapter_model.safetensors").is_file()
     losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
-    audit = json.loads((run_dir / "audit.json").read_text())
+    audit = json.loads((run_dir / "audit.json").read_text())["datasets"]
     assert all(a["kept"] > 0 and a["trained_tokens"] > 0 for a in audit)
 
 
@@ -65,9 +65,9 @@ def test_packed_and_unpacked_losses_agree_on_the_same_rows(tmp_path, torch_one_t
     torch = torch_one_thread
     from finetune.adapters.configs import build_peft_config
     from finetune.data.prepare import prepare_datasets, set_chat_template
-    from finetune.model import load_model, load_tokenizer, resolve_precision
-    from finetune.tiny import resolve_model_path
-    from finetune.train import run_sft
+    from finetune.model.builtin import resolve_model_path
+    from finetune.model.load import load_model, load_tokenizer, resolve_precision
+    from finetune.train.trainers import build_sft_trainer
 
     def loss_sum(packing: bool):
         overrides = ["data.train.0.max_rows=24", f"method.packing={packing}", "training.max_length=128"]
@@ -79,7 +79,7 @@ def test_packed_and_unpacked_losses_agree_on_the_same_rows(tmp_path, torch_one_t
         precision = resolve_precision(recipe)
         model = load_model(path, recipe, precision)
         peft_config = build_peft_config(recipe, model_path=path, hidden_size=None, total_steps=None)
-        trainer = run_sft(recipe, model, tokenizer, rows, None, peft_config, precision, tmp_path)
+        trainer = build_sft_trainer(recipe, model, tokenizer, rows, None, peft_config, precision, tmp_path)
         total, tokens, sequences = 0.0, 0, 0
         model = trainer.model.eval()
         for batch in trainer.get_train_dataloader():

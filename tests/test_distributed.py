@@ -60,7 +60,7 @@ def losses(run_dir: Path) -> list[float]:
 
 def launch(path: Path) -> tuple[Path, str]:
     """Launch through the real launcher, keeping the processes' stderr to look at."""
-    from finetune.launch.plan import launch_training
+    from finetune.launch.launcher import launch_training
 
     output = {}
 
@@ -76,7 +76,7 @@ def launch(path: Path) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, torch_one_thread) -> list[float]:
     """Losses of one process at micro batch 8 (also builds the tiny model the workers then reuse)."""
-    from finetune.train import run_training
+    from finetune.train.run import run_training
 
     tmp = tmp_path_factory.mktemp("single")
     run_dir = run_training(load_recipe(make_recipe(tmp, "single", 8)), log=lambda _: None)
@@ -97,7 +97,7 @@ def test_ddp_two_processes_match_one_process_and_only_the_main_one_writes(tmp_pa
     assert_agrees(losses(run_dir), reference)
     assert stderr.count(f"step 1/{STEPS} ") == 1 and stderr.count("data data.train[0]") == 1, stderr
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == STEPS
-    assert len(json.loads((run_dir / "audit.json").read_text())) == 1
+    assert len(json.loads((run_dir / "audit.json").read_text())["datasets"]) == 1
     assert PeftConfig.from_pretrained(run_dir / "adapter").r == 8
     assert yaml.safe_load((run_dir / "accelerate_config.yaml").read_text())["distributed_type"] == "MULTI_GPU"
     assert not (run_dir / "deepspeed.json").exists()

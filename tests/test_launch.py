@@ -56,7 +56,7 @@ def test_shipped_configs_are_what_the_recipe_fields_generate():
 
 
 def test_train_writes_the_launch_files_and_runs_the_recorded_command(tmp_path):
-    from finetune.launch.plan import launch_training
+    from finetune.launch.launcher import launch_training
 
     path = write_recipe(tmp_path, distributed={"strategy": "deepspeed", "zero_stage": 3, "num_processes": 2})
     calls = []
@@ -84,7 +84,7 @@ def test_generated_configs_are_accepted_by_accelerate_launch(tmp_path, monkeypat
     from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    from finetune.launch.plan import prepare_launch
+    from finetune.launch.launcher import prepare_launch
 
     cases = {
         "ddp": ({"strategy": "ddp", "num_processes": 2}, CPU_BOX),
@@ -128,7 +128,7 @@ def test_generated_configs_are_accepted_by_accelerate_launch(tmp_path, monkeypat
 
 
 def test_multi_node_layout_reaches_the_accelerate_config(tmp_path):
-    from finetune.launch.plan import prepare_launch
+    from finetune.launch.launcher import prepare_launch
 
     distributed = {"strategy": "ddp", "num_processes": 2, "num_machines": 3, "machine_rank": 1,
                    "main_address": "10.1.2.3", "main_port": 29600, "rdzv_backend": "c10d"}
@@ -153,14 +153,14 @@ def test_multi_node_layout_reaches_the_accelerate_config(tmp_path):
 
 def test_launcher_settings_and_trainer_arguments_stay_apart(tmp_path):
     """Changing `distributed` leaves the trainer's arguments alone, and changing `training` the launch files."""
-    from finetune.launch.plan import prepare_launch
-    from finetune.model import resolve_precision
-    from finetune.train import _training_args
+    from finetune.launch.launcher import prepare_launch
+    from finetune.model.load import resolve_precision
+    from finetune.train.trainers import training_args
 
     ds = {"strategy": "deepspeed", "zero_stage": 2, "num_processes": 2}
     a = load_recipe(write_recipe(tmp_path, "a", distributed=ds)).recipe
     b = load_recipe(write_recipe(tmp_path, "a", distributed={"strategy": "none"})).recipe
-    args = [_training_args(r, resolve_precision(r), tmp_path, False) for r in (a, b)]
+    args = [training_args(r, resolve_precision(r), tmp_path, False) for r in (a, b)]
     assert args[0] == args[1]
     training = {"micro_batch_size": 2, "learning_rate": 1e-3, "gradient_accumulation_steps": 4, "max_length": 64}
     plans = [
@@ -179,7 +179,7 @@ def test_worker_takes_only_the_resolved_recipe(capsys):
 
 
 def test_distributed_recipe_is_not_trained_in_process(tmp_path):
-    from finetune.train import run_training
+    from finetune.train.run import run_training
 
     path = write_recipe(tmp_path, distributed={"strategy": "ddp", "num_processes": 2})
     with pytest.raises(UserError, match="starts several processes; run it with `finetune train`"):
@@ -267,7 +267,7 @@ def test_rules_refuse_deepspeed_batch_sizes_that_do_not_divide(tmp_path):
 
 
 def test_rules_refuse_unknown_mismatched_and_contradicting_config_files(tmp_path):
-    from finetune.launch.plan import prepare_launch
+    from finetune.launch.launcher import prepare_launch
 
     def problems(distributed: dict) -> str:
         with pytest.raises(UserError, match="nothing was started") as info:
@@ -286,7 +286,7 @@ def test_rules_refuse_unknown_mismatched_and_contradicting_config_files(tmp_path
 
 
 def test_rule_refuses_more_processes_than_gpus(tmp_path):
-    from finetune.launch.plan import prepare_launch
+    from finetune.launch.launcher import prepare_launch
 
     with pytest.raises(UserError) as info:
         prepare_launch(load_recipe(write_recipe(tmp_path, distributed={"strategy": "ddp", "num_processes": 4})),

@@ -58,7 +58,7 @@ def write_recipe(tmp: Path, name: str, *, report_to=(), **training) -> Path:
 
 
 def train(path: Path, overrides=(), **kwargs) -> Path:
-    from finetune.train import run_training
+    from finetune.train.run import run_training
 
     kwargs.setdefault("log", lambda _: None)
     return run_training(load_recipe(path, list(overrides)), **kwargs)
@@ -188,8 +188,8 @@ def test_crash_mid_checkpoint_resumes_from_the_last_complete_one(reference, tmp_
 
 @pytest.mark.slow
 def test_resume_refuses_a_changed_recipe_or_data_unless_forced(reference, tmp_path):
-    from finetune.checkpoints import LATEST, check_resume, list_checkpoints
-    from finetune.provenance import hash_data
+    from finetune.run.checkpoints import LATEST, check_resume, list_checkpoints
+    from finetune.run.provenance import hash_data
 
     path = reference.parent.parent / "reference.yaml"
     before = (reference / "recipe.yaml").read_text()
@@ -225,7 +225,7 @@ def test_provenance_model_card_trackers_and_no_planted_secret(reference):
         ["git", "-C", str(reference.parent.parent), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     data = provenance["data"][0]
-    from finetune.provenance import sha256_file
+    from finetune.run.provenance import sha256_file
 
     assert data["sha256"] == sha256_file(Path(data["path"]))
     assert {"torch", "transformers", "trl", "peft"} <= provenance["packages"].keys()
@@ -246,7 +246,7 @@ def test_provenance_model_card_trackers_and_no_planted_secret(reference):
 
 @pytest.mark.slow
 def test_disk_estimate_matches_a_real_checkpoint_and_refuses_a_small_disk(reference, tmp_path):
-    from finetune.preflight import SMALL_FILES, DiskPlan, check_disk
+    from finetune.train.checks import SMALL_FILES, DiskPlan, check_disk
 
     estimate = json.loads((reference / "provenance.json").read_text())["disk_estimate_bytes"]
     checkpoint = reference / "checkpoints" / f"checkpoint-{STEPS}"
@@ -264,8 +264,8 @@ def test_pickle_only_model_is_refused_unless_opted_in(tmp_path, torch_one_thread
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.model import load_model, resolve_precision
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
+    from finetune.model.load import load_model, resolve_precision
 
     source = Path(resolve_model_path("builtin:tiny-llama"))
     pickled = tmp_path / "pickled"
@@ -282,7 +282,7 @@ def test_pickle_only_model_is_refused_unless_opted_in(tmp_path, torch_one_thread
 
 
 def test_a_live_lock_refuses_a_second_run_and_a_dead_one_is_taken_over(tmp_path):
-    from finetune.rundir import LOCK_NAME, RunLock, claim_run_dir
+    from finetune.run.lock import LOCK_NAME, RunLock, claim_run_dir
 
     run_dir = tmp_path / "runs" / "locked"
     path = write_recipe(tmp_path, "locked")
@@ -305,7 +305,7 @@ def test_a_live_lock_refuses_a_second_run_and_a_dead_one_is_taken_over(tmp_path)
 
 SIGNAL_SCRIPT = """
 import sys, time
-from finetune.interrupt import StopRequest
+from finetune.train.interrupt import StopRequest
 with StopRequest() as stop:
     print("ready", flush=True)
     while True:
@@ -335,7 +335,7 @@ def test_progress_display_in_a_terminal_shows_eta_loss_lr_rate_memory(torch_one_
 
     from transformers import TrainerControl, TrainerState
 
-    from finetune.progress import ProgressDisplay
+    from finetune.train.progress import ProgressDisplay
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -362,7 +362,7 @@ def test_progress_display_in_a_terminal_shows_eta_loss_lr_rate_memory(torch_one_
     [
         (["--resume"], "no complete checkpoint in"),
         (["--resume", "--overwrite"], "choose one"),
-        (["--resume", "nowhere"], "--resume: nowhere: no such checkpoint or run directory"),
+        (["--resume", "nowhere"], "--resume: nowhere: no such directory"),
     ],
 )
 def test_resume_flag_errors_exit_2_before_any_model_loads(argv, message, tmp_path):
@@ -374,8 +374,8 @@ def test_resume_flag_errors_exit_2_before_any_model_loads(argv, message, tmp_pat
 
 
 def test_bare_resume_takes_the_latest_checkpoint():
-    from finetune.checkpoints import LATEST
-    from finetune.cli import _bare_resume
+    from finetune.cli.app import _bare_resume
+    from finetune.run.checkpoints import LATEST
 
     assert _bare_resume(["train", "r.yaml", "--resume"]) == ["train", "r.yaml", f"--resume={LATEST}"]
     assert _bare_resume(["train", "r.yaml", "--resume", "--force"])[2] == f"--resume={LATEST}"
@@ -403,8 +403,8 @@ def test_redaction_of_env_and_key_shaped_values(monkeypatch):
 
 
 def test_overwrite_starts_afresh_and_never_resumes_the_previous_runs_checkpoints(tmp_path, torch_one_thread):
-    from finetune.checkpoints import LATEST, MARKER, commit_checkpoint
-    from finetune.lifecycle import RunLifecycle
+    from finetune.run.checkpoints import LATEST, MARKER, commit_checkpoint
+    from finetune.train.lifecycle import RunLifecycle
 
     path = write_recipe(tmp_path, "again")
     old = tmp_path / "runs" / "again" / "checkpoints" / "checkpoint-50"

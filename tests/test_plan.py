@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from finetune.errors import UserError
-from finetune.plan import GiB, ModelShape, Sharding, estimate, parse_size, read_shape
 from finetune.recipe.load import recipe_from_dict
+from finetune.train.memory import GiB, ModelShape, Sharding, estimate, parse_size, read_shape
 from tests.conftest import REPO, run_cli
 
 QLORA_7B = str(REPO / "recipes/7b/qlora.yaml")

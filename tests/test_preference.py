@@ -57,7 +57,7 @@ def test_dpo_lora_raises_accuracy_and_margins_on_its_training_pairs(dpo_lora_run
     assert_preference_learnt(dpo_lora_run, accuracy=0.9)
     result = summary(dpo_lora_run)
     assert result["method"] == "dpo" and result["reference_model"] == "the model with its adapter disabled"
-    audit = json.loads((dpo_lora_run / "audit.json").read_text())
+    audit = json.loads((dpo_lora_run / "audit.json").read_text())["datasets"]
     assert audit[0]["rows"] == 32 and audit[-1]["rows_kept_by_trl"] == 32 and audit[-1]["truncated_rows"] == 0
 
 
@@ -65,7 +65,7 @@ def test_merge_of_a_dpo_adapter_loads_and_matches(dpo_lora_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.merge import run_merge
+    from finetune.merge.bake import run_merge
 
     out = run_merge(dpo_lora_run, out=tmp_path / "merged", log=lambda _: None)
     report = json.loads((out / "merge_report.json").read_text())
@@ -106,7 +106,7 @@ def test_kto_on_unpaired_rows_trains(tmp_path, torch_one_thread):
     values = losses(run_dir)
     assert sum(values[-3:]) / 3 < 0.92 * sum(values[:3]) / 3, values
     assert series(run_dir, "rewards/margins")[-1] > 0.3
-    audit = json.loads((run_dir / "audit.json").read_text())[-1]
+    audit = json.loads((run_dir / "audit.json").read_text())["datasets"][-1]
     assert audit["desirable"] + audit["undesirable"] == 64 and audit["desirable"] > 20 and audit["undesirable"] > 20
 
 
@@ -123,8 +123,8 @@ def test_sft_then_dpo_continues_the_sft_adapter_and_merges_into_the_base(tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.merge import run_merge
-    from finetune.tiny import resolve_model_path
+    from finetune.merge.bake import run_merge
+    from finetune.model.builtin import resolve_model_path
 
     sft = train(make_recipe(tmp_path, "sft", training={"max_steps": 6}))
     dpo = train(dpo_recipe(tmp_path, "dpo-after-sft", model={"path": str(sft), "start_from": "adapter"},

@@ -103,7 +103,7 @@ def cases(tmp: Path) -> dict[str, tuple[dict, str]]:
         ("continue_adapter_full", recipe(model={"path": str(sft_run)}, adapter={"kind": "full"}),
          "adapter.kind: is 'full', but model.path"),
         ("merged_missing", recipe(model={"path": str(sft_run), "start_from": "merged"}),
-         "merged/config.json is missing; run `finetune merge"),
+         "merged holds no finished merge; run `finetune merge"),
         ("adapter_dir_as_model", recipe(model={"path": str(sft_run / "adapter")}),
          f"model.path: {sft_run / 'adapter'} is an adapter, not a model; point model.path at its run directory"),
         ("full_run_has_no_adapter", recipe(model={"path": str(full_run), "start_from": "adapter"}),
@@ -147,7 +147,7 @@ def test_cli_refuses_before_any_model_loads(name, all_cases, tmp_path):
 
 
 def test_unpaired_and_pair_shapes():
-    from finetune.data.preference import check_preference_row
+    from finetune.data.pairs import check_preference_row
 
     assert check_preference_row(PAIR_ROW, "preference") is None
     assert check_preference_row({"prompt": "Q", "completion": " A", "label": False}, "unpaired_preference") is None
@@ -163,7 +163,7 @@ def test_unpaired_and_pair_shapes():
 
 
 def test_kto_unpairs_pairs_without_neighbours_from_the_same_prompt():
-    from finetune.data.preference import unpair
+    from finetune.data.pairs import unpair
     from finetune.data.sources import Row
 
     rows = [Row({"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}, f"f:{i}") for i in range(6)]
@@ -174,7 +174,7 @@ def test_kto_unpairs_pairs_without_neighbours_from_the_same_prompt():
 
 
 def test_mixed_conversational_and_plain_rows_are_refused(tmp_path):
-    from finetune.data.preference import build_preference_split
+    from finetune.data.pairs import build_preference_split
     from finetune.recipe.schema import DatasetSpec
 
     plain = write_jsonl(tmp_path / "plain.jsonl", [PAIR_ROW])
@@ -188,7 +188,7 @@ def test_mixed_conversational_and_plain_rows_are_refused(tmp_path):
 def test_progress_line_shows_reward_accuracy_and_margin():
     from transformers import TrainerState
 
-    from finetune.progress import ProgressDisplay
+    from finetune.train.progress import ProgressDisplay
 
     stream = io.StringIO()
     display = ProgressDisplay(stream=stream)

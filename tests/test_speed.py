@@ -40,7 +40,7 @@ def test_speed_options_that_cannot_apply_are_refused(sections, key):
 
 
 def test_auto_choices_follow_the_device_and_attention():
-    from finetune.sft_options import resolve_batching, resolve_lm_head, sft_config_kwargs
+    from finetune.train.sft_options import resolve_batching, resolve_lm_head, sft_config_kwargs
 
     default = recipe()
     assert resolve_batching(default) == "padded" and resolve_lm_head(default, "cpu") == "full_logits"
@@ -57,9 +57,10 @@ def trainer(tmp_path_factory, torch_one_thread):
     from transformers import AutoTokenizer
 
     from finetune.adapters.configs import build_peft_config
-    from finetune.model import load_model, resolve_precision
-    from finetune.tiny import resolve_model_path
-    from finetune.train import _build_data, run_sft
+    from finetune.model.builtin import resolve_model_path
+    from finetune.model.load import load_model, resolve_precision
+    from finetune.train.run import _build_data
+    from finetune.train.trainers import build_sft_trainer
 
     torch = torch_one_thread
     r = recipe(training={"lm_head": "chunked", "token_metrics": True, "batching": "grouped"})
@@ -70,7 +71,8 @@ def trainer(tmp_path_factory, torch_one_thread):
     train_ds, _ = _build_data(r, tokenizer, run_dir, lambda _: None)
     torch.manual_seed(0)
     peft_config = build_peft_config(r, model_path=path, hidden_size=None, total_steps=None)
-    trainer = run_sft(r, load_model(path, r, precision), tokenizer, train_ds, None, peft_config, precision, run_dir)
+    model = load_model(path, r, precision)
+    trainer = build_sft_trainer(r, model, tokenizer, train_ds, None, peft_config, precision, run_dir)
     with torch.no_grad():  # LoRA B starts at zero; give both matrices values so every gradient is non-trivial
         for param in trainer.model.parameters():
             if param.requires_grad:
@@ -159,7 +161,7 @@ def test_training_logs_token_counts_and_peak_memory(tmp_path, torch_one_thread):
     import yaml
 
     from finetune.recipe import load_recipe
-    from finetune.train import run_training
+    from finetune.train.run import run_training
 
     data = json.loads(json.dumps(BASE))
     data["training"] |= {"batching": "padding_free", "lm_head": "chunked", "learning_rate": 1e-2}

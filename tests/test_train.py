@@ -35,7 +35,7 @@ def make_recipe(tmp_path: Path, name: str, **sections) -> Path:
 
 
 def train(path: Path, **kwargs) -> Path:
-    from finetune.train import run_training
+    from finetune.train.run import run_training
 
     return run_training(load_recipe(path), log=lambda _: None, **kwargs)
 
@@ -62,7 +62,7 @@ def test_sft_lora_trains_and_writes_the_run_directory(lora_run):
     for name in ("recipe.yaml", "audit.json", "metrics.jsonl", "summary.json",
                  "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/chat_template.jinja"):
         assert (lora_run / name).is_file(), name
-    audit = json.loads((lora_run / "audit.json").read_text())
+    audit = json.loads((lora_run / "audit.json").read_text())["datasets"]
     assert audit[0]["rows"] == 64 and 0 < audit[0]["trained_fraction"] < 1
     assert load_recipe(lora_run / "recipe.yaml").recipe.adapter.r == 8  # the resolved recipe reloads
 
@@ -72,8 +72,8 @@ def test_merge_matches_adapter_and_keeps_base_dtype(lora_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.merge import run_merge
-    from finetune.tiny import resolve_model_path
+    from finetune.merge.bake import run_merge
+    from finetune.model.builtin import resolve_model_path
 
     out = run_merge(lora_run, out=tmp_path / "merged", log=lambda _: None)
     report = json.loads((out / "merge_report.json").read_text())
@@ -95,7 +95,7 @@ def test_merge_matches_adapter_and_keeps_base_dtype(lora_run, tmp_path):
         diff = (merged(ids).logits - adapted(ids).logits).abs().max().item()
     assert diff < 1e-4
     again = run_cli("merge", str(lora_run), "--out", str(out))
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already holds a merge; pass --overwrite" in again.stderr
 
 
 def test_existing_run_dir_is_not_overwritten(lora_run):
@@ -110,8 +110,8 @@ def encode_builtin(name: str, tokenizer, **spec):
     """Encode a shipped sample file as the pipeline does; also return its rows by "file:line" tag."""
     from finetune.data.pipeline import encode_dataset
     from finetune.data.sources import resolve_sources
+    from finetune.model.builtin import resolve_data_path
     from finetune.recipe.schema import DataSection, DatasetSpec
-    from finetune.tiny import resolve_data_path
 
     spec = DatasetSpec(path=f"builtin:{name}", **spec)
     dataset, audit = encode_dataset(spec, "data.train[0]", resolve_sources(spec, "data.train[0]"),
@@ -124,7 +124,7 @@ def encode_builtin(name: str, tokenizer, **spec):
 def test_labels_cover_exactly_the_assistant_tokens(torch_one_thread):
     from transformers import AutoTokenizer
 
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
     dataset, audit, rows = encode_builtin("sample_chat.jsonl", tokenizer, max_rows=40)
@@ -138,7 +138,7 @@ def test_labels_cover_exactly_the_assistant_tokens(torch_one_thread):
 
 def test_sft_qlora_trains_on_a_4bit_base_and_merges_unquantised(tmp_path, torch_one_thread):
     pytest.importorskip("bitsandbytes")
-    from finetune.merge import run_merge
+    from finetune.merge.bake import run_merge
 
     run_dir = train(make_recipe(tmp_path, "qlora", adapter={"kind": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}))
     assert_loss_falls(run_dir)
@@ -161,7 +161,7 @@ def test_sft_full_trains_a_complete_model_and_merge_refuses(tmp_path, torch_one_
 def test_prompt_completion_trains_completion_and_eos_only(tmp_path, torch_one_thread):
     from transformers import AutoTokenizer
 
-    from finetune.tiny import resolve_model_path
+    from finetune.model.builtin import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
     dataset, _, rows = encode_builtin("sample_prompt_completion.jsonl", tokenizer, format="prompt_completion",
@@ -200,9 +200,9 @@ def test_bad_data_line_is_reported_before_the_model_loads(tmp_path):
 def test_merge_verifies_on_the_runs_eval_prompts(tmp_path):
     import json as _json
 
-    from finetune.merge import VERIFY_PROMPTS, verify_prompts
+    from finetune.merge.bake import VERIFY_PROMPTS, verify_prompts
+    from finetune.model.builtin import resolve_data_path
     from finetune.recipe import load_recipe as _load
-    from finetune.tiny import resolve_data_path
 
     path = make_recipe(tmp_path, "withevals", data={"eval": [{"path": "builtin:sample_eval_chat.jsonl"}]})
     run_dir = tmp_path / "run"

@@ -20,8 +20,7 @@ from transformers import TrainerCallback
 
 from finetune.adapters.targets import select
 from finetune.recipe.schema import MUTATING_INITS, AdaLoraAdapter, FullAdapter, LoraFields, Recipe
-
-INITIAL_ADAPTER = "adapter_init"  # under the run dir while training; PEFT uses the folder name as adapter name
+from finetune.run.layout import RunDir
 
 
 def freeze_except(model, recipe: Recipe) -> None:
@@ -41,7 +40,7 @@ def prepare_trainer(trainer, recipe: Recipe, run_dir: Path, model_path: str, tot
         if adapter.init == "loftq":
             apply_loftq(trainer.model, model_path)
         if adapter.init in MUTATING_INITS:
-            trainer.model.save_pretrained(run_dir / INITIAL_ADAPTER)
+            trainer.model.save_pretrained(RunDir(run_dir).initial_adapter)
         if adapter.loraplus_lr_ratio is not None:
             # What `optimizers=(optimizer, None)` at construction does (Trainer builds its own in train() only
             # when none is set), done here because the optimizer needs the model the trainer wrapped.
@@ -54,7 +53,7 @@ def save_adapter(model, out: Path, recipe: Recipe, run_dir: Path) -> None:
     """Save the trained adapter; PiSSA/OLoRA ones converted to plain LoRA that applies to the original base."""
     adapter = recipe.adapter
     if isinstance(adapter, LoraFields) and adapter.init in MUTATING_INITS:
-        initial = run_dir / INITIAL_ADAPTER
+        initial = RunDir(run_dir).initial_adapter
         model.save_pretrained(out, path_initial_model_for_weight_conversion=str(initial))
         shutil.rmtree(initial, ignore_errors=True)
         return

@@ -27,7 +27,7 @@ NOT_IN_KEY = {"num_proc", "min_trainable_fraction"}
 
 def cache_root() -> Path:
     """Where prepared datasets live: `<FINETUNE_CACHE or ~/.cache/finetune>/data`."""
-    from finetune.tiny import cache_dir
+    from finetune.model.builtin import cache_dir
 
     return cache_dir() / "data"
 

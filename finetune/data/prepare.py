@@ -8,14 +8,13 @@ prepares first and the others find the entry in the cache.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from finetune.data.cache import cache_key, entry_path, load_entry, store_entry
 from finetune.data.formats import CHAT_FORMATS
 from finetune.data.pipeline import Audit, check_audits, encode_dataset
 from finetune.data.sources import resolve_sources
 from finetune.errors import UserError
-from finetune.recipe.preference import PREFERENCE_KINDS
+from finetune.recipe.methods import PREFERENCE_KINDS
 from finetune.recipe.schema import Recipe
 
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
@@ -132,8 +131,3 @@ def describe_audit(audit: Audit) -> str:
         + (f" ({dropped})" if dropped else "")
         + f", {audit.truncated} truncated{trained}{extra}"
     )
-
-
-def write_audit(audits: list[Audit], path: Path) -> None:
-    """audit.json of a run: one record per dataset."""
-    path.write_text(json.dumps([a.to_record() for a in audits], indent=2) + "\n", encoding="utf-8")

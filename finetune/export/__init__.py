@@ -1,0 +1,1 @@
+"""Export stage: GGUF for llama.cpp/Ollama (`gguf`, `gguf_writer`) and the vLLM serve command (`vllm`)."""

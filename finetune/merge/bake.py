@@ -1,0 +1,268 @@
+"""Merge stage: bake an adapter into its base, save in the base's dtype, and verify the result.
+
+The merge runs in float32 on the base reloaded unquantised (also for QLoRA adapters: merging
+into 4-bit weights would round the update away), then casts once to the output dtype.
+The saved files are reloaded and their logits compared with the adapter model's, so the
+report describes what is on disk, not what was in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import UserError
+from finetune.logs import quiet_libraries, stderr
+from finetune.merge.checks import (
+    check_adapter_matches_base,
+    check_adapter_type,
+    check_base_unquantised,
+    read_adapter_config,
+)
+from finetune.merge.mergeable import refuse_unmergeable
+from finetune.model.vocab import fit_embeddings
+from finetune.run.layout import MergedDir, RunDir
+from finetune.run.records import MergeReport, content_sha256, write_merge_report
+
+VERIFY_PROMPTS = [
+    "What is the capital of France?",
+    "What is 3 plus 4?",
+    "Spell the word cat backwards.",
+]
+
+
+@dataclass
+class MergeSource:
+    """What to merge: the adapter, the base it belongs to, and the run it came from (if any)."""
+
+    adapter_dir: Path
+    base: str
+    run_dir: Path | None
+    adapter_kind: str  # the run's adapter.kind; for a bare adapter, its PEFT type (lora, qlora, ia3, adalora)
+    default_out: Path  # <run>/merged for a run; <dir>-merged next to a checkpoint or adapter directory
+    allow_pickle: bool = False  # the run's model.allow_pickle_weights: else only safetensors bases load
+
+
+def locate(source: str | Path) -> MergeSource:
+    """Find the adapter and its base (through earlier runs) for a run, checkpoint or adapter directory.
+
+    What the path names is `finetune.run.resolve`'s answer; this adds merge's refusals: a fully
+    fine-tuned model has nothing to merge, prompt learning and LoftQ adapters cannot be merged.
+    """
+    from finetune.run.resolve import resolve
+
+    found = resolve(str(source), local=True)
+    if found.kind in ("run", "checkpoint"):
+        recipe = found.recipe
+        if found.adapter is None:
+            raise UserError(
+                f"{source}: this run trained the full model (adapter.kind: full); {found.weights} is already "
+                "a complete model that transformers loads as is, so there is nothing to merge"
+            )
+        refuse_unmergeable(source, found.adapter, kind=recipe.adapter.kind, init=getattr(recipe.adapter, "init", None))
+        check_adapter_type(found.adapter)
+        # A run that kept training an earlier run's adapter sits on that run's base, not on model.path.
+        default_out = found.run.merged.root if found.kind == "run" else _beside(source)
+        return MergeSource(found.adapter, found.weights, found.run.root, recipe.adapter.kind, default_out,
+                           recipe.model.allow_pickle_weights)
+    if found.kind == "adapter":
+        config = read_adapter_config(found.adapter)
+        refuse_unmergeable(source, source, peft_type=config.get("peft_type"))
+        check_adapter_type(source)
+        return MergeSource(found.adapter, found.weights, None, str(config.get("peft_type", "LORA")).lower(),
+                           _beside(source))
+    raise UserError(
+        f"{source}: a complete model ({found.kind}), not an adapter: there is nothing to merge into it; "
+        "pass a run directory (from `finetune train`) or an adapter directory"
+    )
+
+
+def _beside(source: str | Path) -> Path:
+    source = Path(source)
+    return source.with_name(source.name + "-merged")
+
+
+def run_merge(
+    source: str | Path, *, out: Path | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
+    overwrite: bool = False, log=None,
+) -> Path:
+    """Merge, save (sharded safetensors with an index past `max_shard_size`) and verify; return the output dir.
+
+    The model is written into a temporary sibling of `out` and renamed into place once its report is
+    written, so `out` never holds half a merge; `overwrite` replaces an earlier merge there.
+    """
+    log = log or stderr
+    found = locate(source)
+    run = RunDir(found.run_dir) if found.run_dir is not None else None
+    out = out or found.default_out
+    _check_out(out, overwrite, source)
+    adapter_sha256 = content_sha256(found.adapter_dir)  # before loading: what this merge is made from
+
+    quiet_libraries()
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    base_config = AutoConfig.from_pretrained(found.base)
+    check_base_unquantised(base_config, found.base)
+    check_adapter_matches_base(found.adapter_dir, base_config, found.base)
+    base_dtype = _config_dtype(base_config)
+    save_dtype = getattr(torch, dtype) if dtype else base_dtype
+    tokenizer = AutoTokenizer.from_pretrained(found.adapter_dir)
+    log(f"merging {found.adapter_dir} into {found.base} (base dtype {_name(base_dtype)}, merge in float32)")
+    base = AutoModelForCausalLM.from_pretrained(
+        found.base, dtype=torch.float32, use_safetensors=None if found.allow_pickle else True
+    )
+    fit_embeddings(base, tokenizer)  # tokens added in training: the adapter holds rows the base lacks
+    model = PeftModel.from_pretrained(base, found.adapter_dir).eval()
+    prompts = verify_prompts(found.run_dir, log)
+    inputs = _verify_inputs(tokenizer, prompts)
+    reference = _logits(model, inputs)
+    reference_text = _greedy(model, tokenizer, inputs)
+
+    merged = model.merge_and_unload().to(save_dtype)
+    merged.config.use_cache = True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        del merged, model, base
+        report = _verify_and_report(tmp, found, adapter_sha256, base_dtype, tokenizer, inputs, reference,
+                                    reference_text, prompts, run)
+        if MergedDir(out).exists():  # _check_out allowed it: an earlier merge, replaced as a whole
+            log(f"--overwrite: replacing the earlier merge in {out}")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(
+        f"saved {out} ({report.saved_dtype}); logits vs adapter model: max abs diff "
+        f"{report.max_abs_logit_diff:.2e}, mean {report.mean_abs_logit_diff:.2e}; "
+        f"greedy generations agree: {report.greedy_generations_agree}"
+    )
+    for prompt, answer in zip(prompts, report.merged_generations, strict=True):
+        log(f"  {prompt!r} -> {answer!r}")
+    return out
+
+
+def _check_out(out: Path, overwrite: bool, source: Path) -> None:
+    """Refuse to write over anything but an earlier merge, and over that only with --overwrite."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not MergedDir(out).exists():
+        raise UserError(
+            f"--out: {out} already exists and is not a merge written by finetune merge; choose another --out "
+            "(nothing was written)"
+        )
+    if not overwrite:
+        raise UserError(
+            f"--out: {out} already holds a merge; pass --overwrite to replace it "
+            f"(finetune merge {source} --overwrite), or choose another --out (nothing was written)"
+        )
+
+
+def _verify_and_report(out: Path, found: MergeSource, adapter_sha256: str, base_dtype, tokenizer, inputs, reference,
+                       reference_text, prompts, run: RunDir | None) -> MergeReport:
+    """Reload what was saved, compare it with the adapter model, and write the report, card and provenance."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    diff = (_logits(reloaded, inputs).float() - reference).abs()
+    merged_text = _greedy(reloaded, tokenizer, inputs)
+    report = MergeReport(
+        adapter=str(found.adapter_dir.resolve()),
+        adapter_sha256=adapter_sha256,
+        base=found.base,
+        adapter_kind=found.adapter_kind,
+        merged_into="base reloaded unquantised in float32"
+        + (" (not into the 4-bit weights it trained on)" if found.adapter_kind == "qlora" else ""),
+        base_dtype=_name(base_dtype),
+        saved_dtype=_name(reloaded.dtype),
+        max_abs_logit_diff=float(diff.max()),
+        mean_abs_logit_diff=float(diff.mean()),
+        greedy_generations_agree=merged_text == reference_text,
+        prompts=prompts,
+        merged_generations=merged_text,
+        weight_files=sorted(p.name for p in out.glob("*.safetensors")),
+    )
+    from finetune.run.card import carry_over
+
+    carry_over(out, report.model_dump(mode="json"), found.run_dir)  # the run's files into out/provenance/, the card
+    if run is not None:
+        from finetune.run.provenance import carry_into_merged
+
+        carry_into_merged(run, MergedDir(out), report)  # out/provenance.json, with the merge report
+    write_merge_report(MergedDir(out), report)  # last: its presence marks a finished merge
+    return report
+
+
+def _config_dtype(config):
+    import torch
+
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    if isinstance(value, str):
+        value = getattr(torch, value, torch.float32)
+    return value
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def verify_prompts(run_dir: Path | None, log, limit: int = 3) -> list[str]:
+    """The first user turns of the run's eval data (messages rows), then a fixed set of prompts."""
+    if run_dir is None:
+        return VERIFY_PROMPTS
+    from finetune.data.sources import read_rows
+
+    recipe = RunDir(run_dir).read_recipe()
+    prompts: list[str] = []
+    for i, spec in enumerate(s for s in recipe.data.eval if s.format == "messages"):
+        try:
+            rows = read_rows(spec, f"data.eval[{i}]")
+        except UserError as exc:  # eval data moved since training: still merge, on the fixed prompts
+            log(f"note: verifying on fixed prompts, the run's eval data cannot be read: {exc}")
+            return VERIFY_PROMPTS
+        for row in rows:
+            user = next((m.get("content") for m in row.data.get("messages") or [] if m.get("role") == "user"), None)
+            if isinstance(user, str) and user.strip() and len(prompts) < limit:
+                prompts.append(user)
+    return prompts + VERIFY_PROMPTS
+
+
+def _verify_inputs(tokenizer, prompts: list[str]):
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched generation pads on the left
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side  # the saved tokenizer keeps the user's setting
+
+
+def _logits(model, inputs):
+    import torch
+
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+def _greedy(model, tokenizer, inputs, max_new_tokens: int = 24) -> list[str]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
