@@ -60,12 +60,15 @@ def run_training(
             f"distributed.strategy: '{recipe.distributed.strategy}' starts several processes; "
             "run it with `finetune train` (finetune.launch.launcher.launch_training), not in this process"
         )
+    lifecycle = RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
+                             resume_command=resume_command, launched=launched)
     with interruptible("checking the recipe", "nothing was written; run the same command again"):
         # Everything that needs no weights, before the run directory is claimed: a typo costs seconds
         # and leaves nothing behind (train.checks lists them in order).
-        start, layout = check_before_claim(recipe, ignore_memory_plan=ignore_memory_plan, log=log)
-    with RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
-                      resume_command=resume_command, launched=launched, start=start) as run:
+        start, layout = check_before_claim(loaded, ignore_memory_plan=ignore_memory_plan, log=log,
+                                           lifecycle=lifecycle)
+    lifecycle.start = start
+    with lifecycle as run:
         return _train(recipe, start, layout, run, log, callbacks)
 
 
