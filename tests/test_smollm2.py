@@ -76,7 +76,7 @@ def test_stock_template_masks_train_exactly_the_replies(smollm2, tmp_path):
     ]
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
-    result = run_cli("data", "preview", str(RECIPE), "--json", "--n", "3",
+    result = run_cli("data", "preview", str(RECIPE), "--json", "-n", "3",
                      "--set", f"data.train=[{{path: {data}, format: messages}}]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     records = json.loads(result.stdout)["examples"]
