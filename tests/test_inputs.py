@@ -128,7 +128,7 @@ def test_set_accepts_the_indexed_form_errors_print(tmp_path):
 def test_shipped_schema_is_what_finetune_schema_prints():
     printed = run_cli("schema").stdout
     assert (REPO / "docs/recipe.schema.json").read_text(encoding="utf-8") == printed, (
-        "run: finetune schema --out docs/recipe.schema.json"
+        "run: python scripts/gen_recipe_reference.py"
     )
 
 
