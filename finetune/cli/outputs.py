@@ -7,11 +7,13 @@ from pathlib import Path
 
 import typer
 
-from finetune.cli.app import app
+from finetune.cli.app import app, examples
 from finetune.errors import UserError
 
 
-@app.command()
+@app.command(
+    epilog=examples("finetune merge runs/tiny-sft-lora", "finetune merge runs/my-run --dtype bfloat16 --out merged/")
+)
 def merge(
     source: str = typer.Argument(
         ..., help="A run directory (from `finetune train`), one of its checkpoints, or an adapter directory."
@@ -37,7 +39,12 @@ def merge(
     run_merge(source, out=out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "finetune export runs/tiny-sft-lora --format gguf --quant q8_0",
+        "finetune export runs/tiny-sft-lora --format vllm",
+    )
+)
 def export(
     source: str = typer.Argument(..., help="A run directory, a merged or full model directory, or an adapter."),
     format: str = typer.Option(..., "--format", help="gguf (llama.cpp, Ollama) or vllm (print a serve command)."),

@@ -7,7 +7,7 @@
 | adapter | a PEFT adapter directory outside a run | the adapter on its `base_model_name_or_path` |
 | merged | `runs/my-sft/merged` | itself; refused when the adapter it was made from has changed since |
 | model | a transformers model directory | itself |
-| builtin | `builtin:tiny-llama` | the tiny model, built offline on first use |
+| builtin | `builtin:tiny-llama`, `builtin:smollm2-135m` | provisioned into the cache on first use (`finetune models`) |
 | hub | `org/name` | downloaded by transformers |
 
 A run that starts from an earlier run (`model.path: runs/my-sft`) trains on what its
@@ -166,6 +166,9 @@ def resolve(spec: str, *, key: str | None = None, local: bool = False) -> Resolv
         weights = resolve_model_path(spec)
         return Resolved("builtin", spec, weights, weights)
     if found.kind == "hub":
+        from finetune.recipe.inputs import refuse_offline_hub
+
+        refuse_offline_hub(spec, key or "SOURCE")  # offline mode cannot reach it: say so before torch loads
         return Resolved("hub", spec, spec, spec)
     path = found.path
     assert path is not None

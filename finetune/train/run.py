@@ -60,14 +60,17 @@ def run_training(
             f"distributed.strategy: '{recipe.distributed.strategy}' starts several processes; "
             "run it with `finetune train` (finetune.launch.launcher.launch_training), not in this process"
         )
+    lifecycle = RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
+                             resume_command=resume_command, launched=launched)
     # Ctrl-C at any moment: one line naming the stage it interrupted and what to do (the lifecycle records it)
     with interruptible(Stage("checking the recipe", "nothing was written; run the same command again")) as stage:
         # Everything that needs no weights, before the run directory is claimed: a typo costs seconds
         # and leaves nothing behind (train.checks lists them in order).
-        start, layout = check_before_claim(recipe, ignore_memory_plan=ignore_memory_plan, log=log)
+        start, layout = check_before_claim(loaded, ignore_memory_plan=ignore_memory_plan, log=log,
+                                           lifecycle=lifecycle)
+        lifecycle.start = start
         stage.now(f"claiming {recipe.run_dir}", "run the same command again")
-        with RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
-                          resume_command=resume_command, launched=launched, start=start) as run:
+        with lifecycle as run:
             again = f"nothing was trained; run `{run.resume_command.removesuffix(' --resume')}` again (it " \
                     f"replaces {run.dir})"
             stage.now("starting the run", again)
