@@ -121,5 +121,20 @@ def main() -> None:
         typer.echo(f"{getattr(exc, 'label', 'error')}: {exc.render()}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("interrupted (Ctrl-C)", err=True)
         sys.exit(130)
+    except SystemExit as exc:
+        # Typer turns a Ctrl-C inside a command into a silent exit 130; say what happened, in one line.
+        if exc.code == 130 and _caused_by_ctrl_c(exc):
+            typer.echo("interrupted (Ctrl-C)", err=True)
+        raise
+
+
+def _caused_by_ctrl_c(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

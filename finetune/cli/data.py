@@ -113,12 +113,16 @@ def prepare(
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
 ) -> None:
     """Tokenise and audit the data into the cache now, so `finetune train` starts without tokenising."""
-    _, _, train, evaluation, audits = _prepare(recipe, overrides)
+    loaded, _, train, evaluation, audits = _prepare(recipe, overrides)
     from finetune.data.preview import audit_table, dropped_lines
+    from finetune.recipe.methods import PREFERENCE_KINDS
 
     console = _console()
     console.print(audit_table(audits))
     for line in dropped_lines(audits):
         console.print(line, markup=False, highlight=False)
     rows = f"{len(train)} train rows" + (f", {len(evaluation)} eval rows" if evaluation is not None else "")
-    typer.echo(f"prepared {rows}; `finetune train {recipe}` will reuse them from the cache")
+    if loaded.method.kind in PREFERENCE_KINDS:  # TRL tokenises preference pairs itself when the trainer is built
+        typer.echo(f"checked {rows}; `finetune train {recipe}` reads them again (TRL tokenises preference pairs)")
+    else:
+        typer.echo(f"prepared {rows}; `finetune train {recipe}` will reuse them from the cache")

@@ -43,9 +43,9 @@ def train(
     import shlex
 
     from finetune.recipe import load_recipe
-    from finetune.train.interrupt import interruptible
+    from finetune.train.interrupt import Stage, interruptible
 
-    with interruptible("reading the recipe", "nothing was written; run the same command again"):
+    with interruptible(Stage("reading the recipe", "nothing was written; run the same command again")):
         loaded = load_recipe(recipe, overrides)
     if loaded.recipe.distributed.strategy != "none":
         if resume is not None:
