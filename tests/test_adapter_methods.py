@@ -270,8 +270,9 @@ def test_new_tokens_are_trained_saved_and_kept_by_merge(tmp_path, monkeypatch, t
     adapter = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "modules_to_save": ["embed_tokens", "lm_head"]}
     run_dir, trainer = train_keeping_trainer(
         tmp_path, monkeypatch, "tokens", adapter=adapter,
-        data={"train": [{"path": "builtin:sample_tool_calls.jsonl", "max_rows": 32}]},
+        data={"train": [{"path": "builtin:sample_tool_calls.jsonl", "max_rows": 16}], "chat_template": "qwen2.5"},
         model={"path": "builtin:tiny-llama", "add_special_tokens": ["<tool_call>", "</tool_call>"]},
+        training={"max_length": 1024, "micro_batch_size": 4},  # the tool schemas take most of each row
     )
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
     new_id = tokenizer.convert_tokens_to_ids("<tool_call>")

@@ -218,7 +218,7 @@ def test_chat_switches_adapters_on_one_base_and_base_restores_its_outputs(run, o
 
     from finetune.inference.load import Loaded, Sampling, Source, generate_texts, prompt_text
 
-    script = f"{QUESTION}\n/reset\n/adapter other\n{QUESTION}\n/reset\n/base\n{QUESTION}\n/quit\n"
+    script = f"/help\n{QUESTION}\n/reset\n/adapter other\n{QUESTION}\n/reset\n/base\n{QUESTION}\n/quit\n"
     result = subprocess.run(
         [sys.executable, "-m", "finetune", "chat", str(run), "--adapter", f"other={other_adapter}",
          "--max-new-tokens", "16"],
@@ -228,6 +228,7 @@ def test_chat_switches_adapters_on_one_base_and_base_restores_its_outputs(run, o
     tuned, other, base_reply = result.stdout.splitlines()
     assert len({tuned, other, base_reply}) == 3, result.stdout
     assert "now: adapter other" in result.stderr and "now: the base model" in result.stderr
+    assert result.stderr.count("/help (this list)") == 2  # the greeting, and the answer to /help
     # what the base says on its own, with no PEFT in the process at all
     model = AutoModelForCausalLM.from_pretrained(base_path()).eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "adapter", padding_side="left")

@@ -17,7 +17,7 @@ from tests.conftest import REPO, run_cli
 
 # recipe -> the --max-lora-rank the command needs (None: vLLM's default 16 suffices), or the refusal's words
 EXPECTED = {
-    "7b/qlora": None, "smollm2/dates_lora": None,  # r 16
+    "7b/qlora": None, "smollm2/dates_lora": None, "tiny/sft_tool_calls": None,  # r 16
     # r 32, the schema's default or set in the recipe
     "tiny/dpo_lora": 32, "tiny/dpo_qlora": 32, "tiny/kto_lora": 32, "tiny/orpo_lora": 32, "tiny/pretrain_text": 32,
     "tiny/sft_alpaca": 32, "tiny/sft_lora": 32, "tiny/sft_lora_zero3": 32, "tiny/sft_loraplus": 32, "tiny/sft_mix": 32,

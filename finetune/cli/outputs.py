@@ -7,11 +7,13 @@ from pathlib import Path
 
 import typer
 
-from finetune.cli.app import app
+from finetune.cli.app import app, examples
 from finetune.errors import UserError
 
 
-@app.command()
+@app.command(
+    epilog=examples("finetune merge runs/tiny-sft-lora", "finetune merge runs/my-run --dtype bfloat16 --out merged/")
+)
 def merge(
     source: str = typer.Argument(
         ..., help="A run directory (from `finetune train`), one of its checkpoints, or an adapter directory."
@@ -41,7 +43,12 @@ def merge(
               keep_failed=keep_failed)
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "finetune export runs/tiny-sft-lora --format gguf --quant q8_0",
+        "finetune export runs/tiny-sft-lora --format vllm",
+    )
+)
 def export(
     source: str = typer.Argument(..., help="A run directory, a merged or full model directory, or an adapter."),
     format: str = typer.Option(..., "--format", help="gguf (llama.cpp, Ollama) or vllm (print a serve command)."),

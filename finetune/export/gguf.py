@@ -125,9 +125,9 @@ def _adapter_plan(source: str | Path, name: str, out: Path, origin: Path, digest
     """The base's config and the adapter's tokenizer (which carries tokens added in training), before the merge."""
     from transformers import AutoConfig
 
-    from finetune.merge.bake import locate
+    from finetune.merge.bake import merge_source
 
-    found = locate(source)  # the merge's own refusals (prompt tuning, LoftQ, a full run ...) come first
+    found = merge_source(source)  # the merge's own refusals (prompt tuning, LoftQ, a full run ...) come first
     try:
         config = AutoConfig.from_pretrained(found.base).to_dict()
     except (OSError, ValueError) as exc:

@@ -12,7 +12,7 @@ from finetune.inference.load import BASE, Loaded, Sampling, prompt_text, stop_id
 
 HELP = (
     "commands: /adapter NAME (switch adapter), /base (adapters off), /adapters (list), "
-    "/reset (forget the conversation), /quit"
+    "/reset (forget the conversation), /help (this list), /quit"
 )
 
 
@@ -37,7 +37,9 @@ def run_chat(loaded: Loaded, sampling: Sampling, *, system: str | None = None, s
             command, _, argument = text.partition(" ")
             if command == "/quit":
                 return
-            if command == "/reset":
+            if command == "/help":
+                log(HELP)
+            elif command == "/reset":
                 history.clear()
                 log("conversation cleared")
             elif command == "/base":

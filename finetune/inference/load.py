@@ -130,6 +130,9 @@ def load(source: Source, extra_adapters: list[tuple[str, Path]] = (), *, log=Non
         config = AutoConfig.from_pretrained(source.base, revision=source.revision)
         tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
     except (OSError, ValueError) as exc:
+        from finetune.recipe.inputs import refuse_offline_hub
+
+        refuse_offline_hub(source.base, "the base model")
         raise UserError(f"{source.base}: cannot load the model: {str(exc).splitlines()[0]}") from None
     kinds = {name: str(read_adapter_config(path).get("peft_type", "LORA")).upper() for name, path in adapters}
     if len(set(kinds.values())) > 1:

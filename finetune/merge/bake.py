@@ -59,7 +59,7 @@ class MergeSource:
     allow_pickle: bool = False  # the run's model.allow_pickle_weights: else only safetensors bases load
 
 
-def locate(source: str | Path) -> MergeSource:
+def merge_source(source: str | Path) -> MergeSource:
     """Find the adapter and its base (through earlier runs) for a run, checkpoint or adapter directory.
 
     What the path names is `finetune.run.resolve`'s answer; this adds merge's refusals: a fully
@@ -114,7 +114,7 @@ def run_merge(
     says by how much it missed and what to try.
     """
     log = log or stderr
-    found = locate(source)
+    found = merge_source(source)
     run = RunDir(found.run_dir) if found.run_dir is not None else None
     out = out or found.default_out
     _check_out(out, overwrite, source)

@@ -65,15 +65,15 @@ class ModelSection(Section):
 
 # Fields of each row format that `columns` may rename; the optional ones may be absent from a row.
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "messages": ("messages", "system"),
-    "sharegpt": ("conversations", "system"),
+    "messages": ("messages", "system", "tools"),
+    "sharegpt": ("conversations", "system", "tools"),
     "alpaca": ("instruction", "input", "output", "system"),
     "prompt_completion": ("prompt", "completion"),
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired_preference": ("prompt", "completion", "label"),
     "text": ("text",),
 }
-ChatRole = Literal["system", "user", "assistant"]
+ChatRole = Literal["system", "user", "assistant", "tool"]
 
 
 class DatasetSpec(Section):
@@ -86,7 +86,9 @@ class DatasetSpec(Section):
         "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "unpaired_preference", "text"
     ] = Field(
         "messages",
-        description="Row shape: 'messages' (OpenAI chat: a list of {role, content}, optional 'system'), "
+        description="Row shape: 'messages' (OpenAI chat: a list of {role, content}, roles system, user, assistant "
+        "and tool; assistant turns may carry tool_calls; optional 'system', and 'tools' (tool schemas given to the "
+        "chat template)), "
         "'sharegpt' ({conversations: [{from, value}]}, roles human/gpt/system), "
         "'alpaca' ({instruction, input, output}), "
         "'prompt_completion' ({prompt, completion}, strings or message lists), "
@@ -101,8 +103,9 @@ class DatasetSpec(Section):
     )
     roles: dict[str, ChatRole] = Field(
         default_factory=dict,
-        description="Extra role names of messages/sharegpt rows and what they mean, e.g. {bot: assistant}. "
-        "ShareGPT's human, gpt and system are known already.",
+        description="Extra role names of messages/sharegpt rows and what they mean, e.g. {bot: assistant} or "
+        "{function: tool}. Tool and function results map to tool (never trained), never to assistant (trained). "
+        "ShareGPT's human, gpt, system, observation (tool) and function_call (assistant) are known already.",
     )
     split: str = Field("train", description="Split of a Hub dataset to read (slices like train[:10%] work).")
     subset: str | None = Field(None, description="Hub dataset configuration (subset) name.")
@@ -156,18 +159,29 @@ class DataSection(Section):
         min_length=1, description="Datasets to train on, mixed (see weight, samples) and shuffled with training.seed."
     )
     eval: list[DatasetSpec] = Field(
-        default_factory=list, description="Held-out datasets for evaluation during training."
+        default_factory=list,
+        description="Held-out datasets for evaluation during training (every training.eval_steps steps, else at the "
+        "end of each epoch), and for `finetune eval` and the check after `finetune merge`.",
     )
     chat_template: str | None = Field(
         None,
         description="Chat template to use instead of the tokenizer's own: a built-in name "
-        "(chatml, llama-3, mistral, gemma, qwen3) or a path to a .jinja file. "
-        "The template used is saved with the output tokenizer.",
+        "(chatml, smollm2, llama-3, llama-3.2, mistral, gemma, gemma-2, qwen2.5, qwen3) or a path to a .jinja file. "
+        "The template used is saved with the output tokenizer. A template that cannot train a conversation exactly "
+        "is refused before the model loads, saying what to change.",
     )
     train_on: Literal["all_assistant", "last_assistant", "all"] = Field(
         "all_assistant",
-        description="Which tokens carry loss: every assistant turn (content + end-of-turn token), "
-        "only the last assistant turn, or every token.",
+        description="Which tokens carry loss: every assistant turn (what the model writes after the generation "
+        "prompt: reply, tool calls, end-of-turn token), only the last assistant turn (for templates that render "
+        "earlier turns differently, e.g. Qwen3 dropping their reasoning), or every token.",
+    )
+    template_date: str | None = Field(
+        None,
+        pattern=r"^\d{4}-\d{2}-\d{2}$",
+        description="The date (YYYY-MM-DD) a chat template that prints today's date shows in the rendered rows "
+        "(Llama 3.2, Mistral Small 3.1, SmolLM3, gpt-oss). Default: the day the data is prepared; the date used "
+        "is in the audit and the cache key either way.",
     )
     min_trainable_fraction: float = Field(
         0.02,
@@ -191,6 +205,18 @@ class DataSection(Section):
         None,
         description="Processes that tokenise (default: one per 10,000 rows, at most one per CPU core).",
     )
+
+    @field_validator("template_date")
+    @classmethod
+    def _real_date(cls, value: str | None) -> str | None:
+        if value is not None:
+            from datetime import date
+
+            try:
+                date.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a calendar date (YYYY-MM-DD)") from None
+        return value
 
     @model_validator(mode="after")
     def _check_eval(self) -> DataSection:
@@ -621,10 +647,14 @@ class TrainingSection(Section):
     )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(42, description="Seed for weights of new modules, shuffling and dropout.")
+    seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Seed for weights of new modules, shuffling and dropout (0 to 2**32-1)."
+    )
     logging_steps: PositiveInt = Field(10, description="Log metrics every N optimizer steps.")
     eval_steps: PositiveInt | None = Field(
-        None, description="Evaluate every N steps (needs data.eval or data.eval_fraction)."
+        None,
+        description="Evaluate every N steps (needs data.eval or data.eval_fraction). Default with eval data: at the "
+        "end of each epoch and of training.",
     )
     save_steps: PositiveInt | None = Field(None, description="Save a checkpoint every N steps.")
     save_total_limit: PositiveInt | None = Field(

@@ -51,10 +51,30 @@ class RunLifecycle:
         self.resume_command = resume_command or f"finetune train {loaded.source} --resume"
         self.checkpoint: Path | None = None
         self.resumed_step: int | None = None  # read at the start: rotation may delete the checkpoint later
+        self.data: list | None = None  # hashes of the data files (hash_data)
         self.lock = None
         self.main = os.environ.get("RANK", "0") == "0"  # torchrun and accelerate set RANK
         self.launched = launched  # a worker of finetune.launch: the launcher holds the run dir's lock
         self._restore_env = None
+
+    def check(self) -> None:
+        """Refuse, before anything heavy loads and writing nothing, what needs no model: a run dir that
+        holds a run (without --overwrite or --resume) or that another process writes, and a checkpoint
+        to resume that is missing or whose recipe or data changed (without --force)."""
+        from finetune.run.lock import check_claimable
+
+        if self.main and not self.launched:
+            check_claimable(self.dir, overwrite=self.overwrite, resume=self.resume is not None)
+        self._pick_checkpoint()
+
+    def _pick_checkpoint(self) -> None:
+        if self.resume is None or self.checkpoint is not None:
+            return
+        self.data = self.data or hash_data(self.recipe)
+        self.checkpoint = resolve_resume(self.resume, self.dir, self.log)
+        check_resume(self.checkpoint, redact(self.recipe.model_dump(mode="json")), self.data, force=self.force,
+                     log=self.log)
+        self.resumed_step = checkpoint_step(self.checkpoint)
 
     def __enter__(self) -> RunLifecycle:
         if self.main and not self.launched:
@@ -94,11 +114,9 @@ class RunLifecycle:
         plain = self.recipe.model_dump(mode="json")
         for key in secret_key_paths(plain):
             self.log(f"warning: {key} looks like a secret (a token or key); it is written as {REDACTED} everywhere")
-        recipe_dict, self.data = redact(plain), hash_data(self.recipe)
+        recipe_dict, self.data = redact(plain), self.data or hash_data(self.recipe)
         if self.resume is not None:
-            self.checkpoint = resolve_resume(self.resume, self.dir, self.log)
-            check_resume(self.checkpoint, recipe_dict, self.data, force=self.force, log=self.log)
-            self.resumed_step = checkpoint_step(self.checkpoint)
+            self._pick_checkpoint()
             self.log(f"resuming from {self.checkpoint} (step {self.resumed_step})")
         self.recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False, allow_unicode=True)
         self.provenance = start_provenance(
