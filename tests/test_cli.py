@@ -89,7 +89,12 @@ def test_schema_is_json_schema_with_descriptions(tmp_path):
     out = tmp_path / "s.json"
     assert run_cli("schema", "--out", str(out)).returncode == 0
     assert json.loads(out.read_text()) == schema
-    assert run_cli("schema", "--out", str(out)).returncode == 2  # never overwrites
+    assert run_cli("schema", "--out", str(out)).returncode == 0  # its own earlier output is overwritten
+    other = tmp_path / "notes.json"
+    other.write_text("{}")
+    refused = run_cli("schema", "--out", str(other))
+    assert refused.returncode == 2 and "pass --force" in refused.stderr and other.read_text() == "{}"
+    assert run_cli("schema", "--out", str(other), "--force").returncode == 0 and json.loads(other.read_text()) == schema
 
 
 def test_init_writes_a_valid_recipe_and_never_overwrites(tmp_path):

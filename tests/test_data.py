@@ -397,7 +397,7 @@ def test_preview_marks_exactly_the_trained_tokens_of_a_template_without_generati
     from finetune.data.templates import BUILTIN_TEMPLATES
 
     assert not re.search(r"{%-?\s*generation\s*-?%}", BUILTIN_TEMPLATES["chatml"])  # stock ChatML: TRL refuses it
-    result = run_cli("data", "preview", str(preview_recipe(tmp_path)), "--n", "2", "--set",
+    result = run_cli("data", "preview", str(preview_recipe(tmp_path)), "-n", "2", "--set",
                      "data.chat_template=chatml", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     legend, out = result.stdout.split("\n", 1)

@@ -30,6 +30,7 @@ SECRETS = {
     "MY_SERVICE_API_KEY": "PlantedServiceKey-zz-42-42",
 }
 RECIPE_SECRET = "hf_PlantedRecipeToken0123456789abcdefQRS"
+ARGV_SECRET = "hf_PlantedArgvToken0123456789abcdefLMN"  # given on the command line (wandb records argv)
 STEPS = 60
 
 
@@ -90,7 +91,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 def assert_no_secret_in(run_dir: Path) -> None:
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert len(files) > 10
-    for secret in [*SECRETS.values(), RECIPE_SECRET]:
+    for secret in [*SECRETS.values(), RECIPE_SECRET, ARGV_SECRET]:
         leaks = [str(p) for p in files if secret.encode() in p.read_bytes()]
         assert not leaks, f"{secret} written to {leaks}"
 
@@ -113,9 +114,12 @@ def reference(tmp_path_factory, torch_one_thread, planted):
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", path.name], check=True)
     subprocess.run([*git, "commit", "-qm", "recipe"], check=True)
+    override = f"logging.run_name=run-{RECIPE_SECRET}-{ARGV_SECRET}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
-        run_dir = train(path)
+        patch.setattr(sys, "argv", ["finetune", "train", str(path), "--set", override])  # as the CLI sees it
+        run_dir = train(path, [override])
+        assert sys.argv[-1] == override  # restored after the run
     return run_dir
 
 
@@ -228,7 +232,10 @@ def test_provenance_model_card_trackers_and_no_planted_secret(reference):
     assert_no_secret_in(reference)
     provenance = json.loads((reference / "provenance.json").read_text())
     assert provenance["status"] == "completed" and provenance["metrics"]["global_step"] == STEPS
-    assert provenance["recipe"]["logging"]["run_name"] == "run-<redacted>"
+    assert provenance["recipe"]["logging"]["run_name"] == "run-<redacted>-<redacted>"
+    if _installed("wandb"):  # wandb keeps the command line it saw in its run files: redacted there
+        seen = b"logging.run_name=run-<redacted>-<redacted>"
+        assert any(seen in p.read_bytes() for p in (reference / "wandb").rglob("*") if p.is_file())
     assert provenance["git"]["revision"] == subprocess.run(
         ["git", "-C", str(reference.parent.parent), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()

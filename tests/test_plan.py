@@ -56,7 +56,7 @@ def test_plan_of_an_unreachable_hub_model_says_so(tmp_path):
     result = subprocess.run([sys.executable, "-m", "finetune", "plan", str(path), "--gpu-memory", "24GiB"],
                             capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "config.json is not in the local Hub cache" in result.stderr and "local directory" in result.stderr
+    assert "it can only come from the local Hub cache" in result.stderr and "local directory" in result.stderr
 
 
 def recipe(adapter: dict, **training):

@@ -207,10 +207,10 @@ def test_progress_line_shows_reward_accuracy_and_margin():
 def test_data_preview_covers_orpo_pairs_and_refuses_unpaired_kto_rows(tmp_path):
     from tests.conftest import REPO, run_cli
 
-    orpo = run_cli("data", "preview", str(REPO / "recipes/tiny/orpo_lora.yaml"), "--n", "1", cwd=tmp_path)
+    orpo = run_cli("data", "preview", str(REPO / "recipes/tiny/orpo_lora.yaml"), "-n", "1", cwd=tmp_path)
     assert orpo.returncode == 0 and "Traceback" not in orpo.stderr, orpo.stderr[-2000:]
     assert "[[" in orpo.stdout  # the trained answer is marked
-    kto = run_cli("data", "preview", str(REPO / "recipes/tiny/kto_lora.yaml"), "--n", "1",
+    kto = run_cli("data", "preview", str(REPO / "recipes/tiny/kto_lora.yaml"), "-n", "1",
                   "--set", "model.path=builtin:tiny-llama", cwd=tmp_path)
     assert kto.returncode == 2 and "Traceback" not in kto.stderr
     assert "data.train[0]: format unpaired_preference (KTO rows) is not covered" in kto.stderr

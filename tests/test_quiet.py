@@ -10,7 +10,8 @@ from finetune.logs import UNACTIONABLE, drop_unactionable_lines
 from tests.conftest import run_cli
 
 # Lines that libraries print on import or on every call and that no user can act on.
-NOISE = ["Setting accelerator to CPU", "[WARNING]", "FutureWarning", "DeprecationWarning", "is deprecated"]
+NOISE = ["Setting accelerator to CPU", "Setting ds_accelerator", "[WARNING]",
+         "FutureWarning", "DeprecationWarning", "is deprecated"]
 
 
 def test_a_real_command_prints_no_library_notices(tmp_path):

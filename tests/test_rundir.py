@@ -282,8 +282,9 @@ def test_data_prepare_then_train_is_a_cache_hit_with_added_tokens(tmp_path):
     data.write_text("\n".join(lines[:12]) + "\n")  # a file no other test prepared: the cache starts empty for it
     path = write_recipe(
         tmp_path, "tools", model={"path": "builtin:tiny-llama", "add_special_tokens": ["<tool_call>", "</tool_call>"]},
-        data={"train": [{"path": str(data)}]},
+        data={"train": [{"path": str(data)}], "chat_template": "qwen2.5"},  # the tiny ChatML has no tool role
         adapter={"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "modules_to_save": ["embed_tokens", "lm_head"]},
+        training={"max_length": 1024},  # Qwen2.5 writes the tool schemas into the system prompt (~600 tokens)
     )
     prepared = invoke_cli("data", "prepare", path)
     assert prepared.returncode == 0 and "data: preparing 1 dataset(s)" in prepared.stderr, prepared.stderr

@@ -76,7 +76,7 @@ def test_stock_template_masks_train_exactly_the_replies(smollm2, tmp_path):
     ]
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
-    result = run_cli("data", "preview", str(RECIPE), "--json", "--n", "3",
+    result = run_cli("data", "preview", str(RECIPE), "--json", "-n", "3",
                      "--set", f"data.train=[{{path: {data}, format: messages}}]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     records = json.loads(result.stdout)["examples"]
@@ -124,7 +124,7 @@ def test_sft_merge_export_on_the_real_model(exported):
 @pytest.mark.xfail(
     importlib.util.find_spec("xllamacpp") is None,
     strict=True,
-    reason="issue 14 adds xllamacpp (llama.cpp in-process) to the dev extra; until it lands llama.cpp is not installed",
+    reason="llama.cpp (xllamacpp, in the dev and gguf extras) is not installed here",
 )
 def test_llamacpp_runs_the_exported_gguf_like_transformers(exported):
     import xllamacpp

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import typer
 
-from finetune.cli.app import _refuse_existing, app
+from finetune.cli.app import _refuse_existing, app, examples
 from finetune.errors import UserError
 
 
-@app.command()
+@app.command(epilog=examples("finetune models"))
 def models() -> None:
     """List the built-in models: parameters, size on disk, whether they are cached and where."""
     from finetune.model.builtin import BUILTIN_MODELS, BUILTIN_PREFIX, cache_state, models_dir
@@ -43,7 +43,9 @@ def _megabytes(size: int) -> str:
     return f"{size / 1e6:,.0f} MB" if size >= 10e6 else f"{size / 1e6:.1f} MB"
 
 
-@app.command("tiny-model")
+@app.command(
+    "tiny-model", epilog=examples("finetune tiny-model models/tiny", "finetune tiny-model models/q --arch qwen3")
+)
 def tiny_model(
     out: Path = typer.Argument(..., help="Directory to write the model and tokenizer into."),
     arch: str = typer.Option("llama", "--arch", help="llama or qwen3."),

@@ -6,13 +6,19 @@ from pathlib import Path
 
 import typer
 
-from finetune.cli.app import SET_HELP, app
+from finetune.cli.app import SET_HELP, app, examples
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "finetune train recipes/tiny/sft_lora.yaml",
+        "finetune train my.yaml --set training.max_steps=100 --set output.dir=runs/try2",
+        "finetune train my.yaml --resume",
+    )
+)
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Allow writing into an existing, non-empty run dir."
     ),
@@ -36,9 +42,9 @@ def train(
     import shlex
 
     from finetune.recipe import load_recipe
-    from finetune.train.interrupt import interruptible
+    from finetune.train.interrupt import Stage, interruptible
 
-    with interruptible("reading the recipe", "nothing was written; run the same command again"):
+    with interruptible(Stage("reading the recipe", "nothing was written; run the same command again")):
         loaded = load_recipe(recipe, overrides)
     from finetune.redact import redact
 

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from finetune.data.formats import BadRow, to_canonical
-from finetune.data.sources import JSON_TEXT, WHERE
+from finetune.data.sources import JSON_TEXT, WHERE, parse_json_row
 from finetune.errors import UserError
 from finetune.recipe.schema import DatasetSpec
 
@@ -57,9 +57,9 @@ def raw_rows(batch: dict[str, list], indices: list[int], label: str):
     if JSON_TEXT in batch:
         for where, text in zip(batch[WHERE], batch[JSON_TEXT], strict=True):
             try:
-                yield where, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield where, BadRow("malformed JSON", f"malformed JSON at column {exc.colno}: {exc.msg}")
+                yield where, parse_json_row(text)
+            except BadRow as bad:
+                yield where, bad
         return
     names = list(batch)
     for position, index in enumerate(indices):

@@ -12,7 +12,6 @@ a detail that says how to fix it (shown next to the row's file and line).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from finetune.recipe.schema import FORMAT_FIELDS, DatasetSpec
@@ -150,10 +149,14 @@ CONVERTERS = {
 def _maybe_json(value: Any) -> Any:
     """Columns of CSV or Parquet files often hold a message list as JSON text: decode it."""
     if isinstance(value, str) and value.lstrip().startswith("[{"):
+        from finetune.data.sources import parse_json_row
+
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
+            return parse_json_row(value)
+        except BadRow as bad:
+            if bad.reason == "malformed JSON":
+                return value  # plain text that happens to start like JSON
+            raise
     return value
 
 

@@ -46,6 +46,7 @@ class LaunchPlan:
     env: dict[str, str]
     files: dict[Path, str] = field(default_factory=dict)
     summary: str = ""
+    warnings: list[str] = field(default_factory=list)  # what this machine lacks (launch-plan only)
 
     @property
     def command(self) -> str:
@@ -53,7 +54,8 @@ class LaunchPlan:
 
     def render(self) -> str:
         """The plan as `finetune launch-plan` prints it."""
-        lines = [f"# {self.summary}", "# environment: the current one, plus"]
+        lines = [f"# warning (this machine; the machines that run it may differ): {w}" for w in self.warnings]
+        lines += [f"# {self.summary}", "# environment: the current one, plus"]
         lines += [f"{key}={shlex.quote(value)}" for key, value in self.env.items()]
         lines += ["# command", self.command]
         for path, text in self.files.items():
@@ -61,29 +63,35 @@ class LaunchPlan:
         return "\n".join(lines) + "\n"
 
 
-def build_context(recipe: Recipe, machine: Machine | None = None) -> Context:
-    """Machine facts for a recipe; on a machine without GPUs also refuse bf16/fp16 here.
+def build_context(recipe: Recipe, machine: Machine | None = None, *, planning: bool = False) -> Context:
+    """Machine facts for a recipe; on a machine without GPUs also refuse bf16/fp16 here (not when planning).
 
     With GPUs the processes resolve precision themselves: asking whether a GPU supports bf16 would
     initialise CUDA in this process, which then held memory on GPU 0 for the whole run.
     """
     machine = machine or Machine.detect()
-    if machine.gpus == 0:
+    if machine.gpus == 0 and not planning:
         from finetune.model.load import resolve_precision
 
         resolve_precision(recipe)
     return Context(recipe, machine)
 
 
-def prepare_launch(loaded: LoadedRecipe, machine: Machine | None = None) -> LaunchPlan:
-    """Check everything that can be checked before a process starts, then plan the launch."""
-    from finetune.train.checks import check_recipe_inputs  # datasets exist, quantisation is installed, model.path
+def prepare_launch(loaded: LoadedRecipe, machine: Machine | None = None, *, planning: bool = False) -> LaunchPlan:
+    """Check everything that can be checked before a process starts, then plan the launch.
+
+    `planning` (launch-plan) plans for other machines too: what only this machine lacks (cores, GPUs,
+    packages) becomes a warning in the plan instead of a refusal.
+    """
+    from finetune.train.checks import check_recipe_inputs  # what validate checks, then model.path's chain
 
     recipe = loaded.recipe
-    check_recipe_inputs(recipe)
-    ctx = build_context(recipe, machine)
-    check_launch(ctx, loaded.origins)
-    return plan_launch(ctx, Path(recipe.run_dir))
+    check_recipe_inputs(loaded)
+    ctx = build_context(recipe, machine, planning=planning)
+    warnings = check_launch(ctx, loaded.origins, planning=planning)
+    plan = plan_launch(ctx, Path(recipe.run_dir))
+    plan.warnings = warnings
+    return plan
 
 
 def plan_launch(ctx: Context, run_dir: Path) -> LaunchPlan:
@@ -192,13 +200,15 @@ def launch_training(
     """
     from finetune.redact import redact
     from finetune.run.checkpoints import resolve_resume, write_atomic
-    from finetune.run.lock import claim_run_dir
+    from finetune.run.lock import check_claimable, claim_run_dir
 
     log = log or stderr
     recipe = loaded.recipe
-    plan = prepare_launch(loaded, machine)
     run_dir = Path(recipe.run_dir)
-    lock = claim_run_dir(run_dir, overwrite=overwrite, resume=resume is not None, log=log)  # until the workers end
+    resuming = resume is not None
+    check_claimable(run_dir, overwrite=overwrite, resume=resuming)  # before the machine (torch) is looked at
+    plan = prepare_launch(loaded, machine)
+    lock = claim_run_dir(run_dir, overwrite=overwrite, resume=resuming, log=log)  # held until the workers end
     try:
         if resume is not None:
             checkpoint = resolve_resume(resume, run_dir, log).resolve()
@@ -254,7 +264,7 @@ def describe_launch(loaded: LoadedRecipe, machine: Machine | None = None) -> str
     recipe = loaded.recipe
     if recipe.distributed.strategy == "none":
         return "# one process: `finetune train` trains in its own process; no launcher, no launch files\n"
-    plan = prepare_launch(loaded, machine)
+    plan = prepare_launch(loaded, machine, planning=True)
     recipe_file = RunDir.at(recipe.run_dir).recipe
     note = f"# nothing started; `finetune train` writes {recipe_file} and the files below, then runs"
     return note + "\n" + plan.render()

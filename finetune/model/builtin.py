@@ -192,7 +192,10 @@ def _move_into_place(tmp: Path, final: Path, model: BuiltinModel) -> None:
         if cache_state(model)[0] == "cached":
             return  # another process finished first: keep theirs
         stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
-        os.replace(final, stale)
+        try:
+            os.replace(final, stale)
+        except FileNotFoundError:
+            stale = None  # another process moved it aside first
     try:
         os.replace(tmp, final)
     except OSError:

@@ -73,7 +73,7 @@ def check_quantisation_available(recipe: Recipe) -> None:
     if recipe.adapter.kind == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
             "adapter.kind: 'qlora' needs the bitsandbytes package, which is not installed; "
-            "install it with: pip install 'finetune[qlora]'"
+            "install it with: pip install 'finetune-recipes[qlora]'"
         )
 
 
@@ -89,6 +89,9 @@ def load_tokenizer(path: str, section: ModelSection, *, revision: str | None = N
             path, revision=revision or section.revision, trust_remote_code=section.trust_remote_code
         )
     except (OSError, ValueError) as exc:
+        from finetune.recipe.inputs import refuse_offline_hub
+
+        refuse_offline_hub(path, "model.path")
         raise UserError(f"model.path: cannot load a tokenizer from {path!r}: {_first_line(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -139,6 +142,9 @@ def load_model(path: str, recipe: Recipe, precision: Precision, *, revision: str
             from finetune.train.checks import pickle_refusal
 
             raise UserError(pickle_refusal(path, _first_line(exc))) from None
+        from finetune.recipe.inputs import refuse_offline_hub
+
+        refuse_offline_hub(path, "model.path")
         raise UserError(f"model.path: cannot load a causal LM from {path!r}: {_first_line(exc)}") from None
     # Training with the KV cache on makes packed rows attend to each other (see ENV.md) and wastes memory.
     model.config.use_cache = False

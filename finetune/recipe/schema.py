@@ -159,7 +159,9 @@ class DataSection(Section):
         min_length=1, description="Datasets to train on, mixed (see weight, samples) and shuffled with training.seed."
     )
     eval: list[DatasetSpec] = Field(
-        default_factory=list, description="Held-out datasets for evaluation during training."
+        default_factory=list,
+        description="Held-out datasets for evaluation during training (every training.eval_steps steps, else at the "
+        "end of each epoch), and for `finetune eval` and the check after `finetune merge`.",
     )
     chat_template: str | None = Field(
         None,
@@ -655,10 +657,14 @@ class TrainingSection(Section):
     )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(42, description="Seed for weights of new modules, shuffling and dropout.")
+    seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Seed for weights of new modules, shuffling and dropout (0 to 2**32-1)."
+    )
     logging_steps: PositiveInt = Field(10, description="Log metrics every N optimizer steps.")
     eval_steps: PositiveInt | None = Field(
-        None, description="Evaluate every N steps (needs data.eval or data.eval_fraction)."
+        None,
+        description="Evaluate every N steps (needs data.eval or data.eval_fraction). Default with eval data: at the "
+        "end of each epoch and of training.",
     )
     save_steps: PositiveInt | None = Field(None, description="Save a checkpoint every N steps.")
     save_total_limit: PositiveInt | None = Field(

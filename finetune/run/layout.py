@@ -41,7 +41,7 @@ MODEL_CARD = "README.md"
 CHECKPOINT_MARKER = "finetune_checkpoint.json"
 CHECKPOINT_ADALORA_STATE = "adalora_state.pt"  # AdaLoRA: unpruned adapter, rank pattern, allocator (adapters.hooks)
 TRACKER_DIRS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlruns"}
-GGUF_QUANTS = ("f16", "q8_0", "f32")  # the quants `finetune export` writes (export.gguf_writer.QUANTS)
+GGUF_QUANTS = ("f16", "bf16", "q8_0", "f32")  # the quants `finetune export` writes (export.gguf_writer.QUANTS)
 # Files the libraries write into an adapter or a model directory (named here so the resolver reads one list).
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"

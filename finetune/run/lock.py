@@ -74,10 +74,15 @@ class RunLock:
         raise UserError(f"{self.path}: could not take the run lock (another process keeps taking it)")
 
     def _take_over_if_stale(self) -> None:
+        if self.refuse_if_held():
+            self.path.unlink(missing_ok=True)  # its process is gone: the lock is stale
+
+    def refuse_if_held(self) -> bool:
+        """Raise UserError naming a live holder of the lock; return whether a (stale) lock file is there."""
         try:
             holder = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return  # released between our attempt and this read: try again
+            return False  # released between our attempt and this read: try again
         except (OSError, ValueError):
             holder = {}  # a lock torn by a crash while being written: nobody holds it
         pid, host = holder.get("pid"), holder.get("host")
@@ -91,7 +96,7 @@ class RunLock:
                 f"{self.path.parent}: locked by a finetune run on host {host} (pid {pid}, since "
                 f"{holder.get('since')}); if that run is gone, delete {self.path}"
             )
-        self.path.unlink(missing_ok=True)  # its process is gone: the lock is stale
+        return True
 
     def release(self) -> None:
         """Remove the lock if this object holds it."""
@@ -119,12 +124,7 @@ def claim_run_dir(run_dir: Path, *, overwrite: bool, resume: bool, log=None) -> 
     failed_start = _stopped_before_start(run)
     if not overwrite and failed_start is None:
         lock.release()
-        complete = list_checkpoints(run.checkpoints)[0]
-        hint = " pass --resume to continue it," if complete else ""
-        raise UserError(
-            f"output.dir: {run_dir} already holds a run;{hint} pass --overwrite to write into it, "
-            f"or choose another directory with --set output.dir=..."
-        )
+        raise _holds_a_run(run)
     log = log or (lambda _: None)
     if failed_start is not None and not overwrite:
         log(f"replacing {run_dir}: its last run stopped before its first step ({failed_start}) and trained nothing")
@@ -134,6 +134,27 @@ def claim_run_dir(run_dir: Path, *, overwrite: bool, resume: bool, log=None) -> 
         lock.release()
         raise
     return lock
+
+
+def check_claimable(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse now, writing nothing, what claim_run_dir would refuse later (before anything heavy loads)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir: {run_dir} exists and is a file; choose another output.dir")
+    if not run_dir.is_dir():
+        return
+    RunLock(run_dir).refuse_if_held()  # a live holder; a stale lock is left for claim_run_dir to take over
+    held = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
+    run = RunDir(run_dir)
+    if held and not (resume or overwrite) and _stopped_before_start(run) is None:
+        raise _holds_a_run(run)
+
+
+def _holds_a_run(run: RunDir) -> UserError:
+    hint = " pass --resume to continue it," if list_checkpoints(run.checkpoints)[0] else ""
+    return UserError(
+        f"output.dir: {run.root} already holds a run;{hint} pass --overwrite to write into it, "
+        f"or choose another directory with --set output.dir=..."
+    )
 
 
 def _stopped_before_start(run: RunDir) -> str | None:

@@ -86,6 +86,22 @@ class StartRecord(BaseModel):
     sha256: str | None = None  # for start_from merged: the adapter sha256 its merge report records
 
 
+class LogitDistance(BaseModel):
+    """How far one model's logits are from another's, over the attended positions of the verification prompts."""
+
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    top_token_agreement: float  # share of positions where both put the same token on top
+
+
+class MergeGate(BaseModel):
+    """The limits of the saved dtype (merge.bake.GATES) and which the merge missed."""
+
+    limits: dict[str, float]
+    passed: bool
+    failed: list[str] = []
+
+
 class MergeReport(Record):
     """merged/merge_report.json: what was merged into what, and how the saved model compares."""
 
@@ -100,10 +116,22 @@ class MergeReport(Record):
     saved_dtype: str
     max_abs_logit_diff: float
     mean_abs_logit_diff: float
+    top_token_agreement: float | None = None  # None in reports from before the merge check gated
     greedy_generations_agree: bool
+    gate: MergeGate | None = None  # None in reports from before the merge check gated
+    vs_trained_4bit_model: LogitDistance | None = None  # QLoRA: the merge against the 4-bit base + adapter
     prompts: list[str] = []
     merged_generations: list[str] = []
     weight_files: list[str] = []
+
+
+class BaseIdentity(BaseModel):
+    """Which base weights a run trained on: a Hub id at a revision, or a local model's content sha256."""
+
+    id: str | None = None  # Hub id
+    revision: str | None = None  # Hub revision ("main" when the recipe names none)
+    path: str | None = None  # local directory
+    sha256: str | None = None  # over config.json and the weight files (provenance.base_identity)
 
 
 class Provenance(Record):
@@ -118,6 +146,7 @@ class Provenance(Record):
     git: dict[str, Any] | None = None
     resumed_from: str | None = None
     start: StartRecord | None = None
+    base_model: BaseIdentity | None = None  # the true base (through earlier runs), identified
     steps_done: int = 0  # optimizer steps trained when the record was written
     recipe: dict[str, Any]
     data: list[dict[str, Any]]

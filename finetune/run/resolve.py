@@ -166,6 +166,9 @@ def resolve(spec: str, *, key: str | None = None, local: bool = False) -> Resolv
         weights = resolve_model_path(spec)
         return Resolved("builtin", spec, weights, weights)
     if found.kind == "hub":
+        from finetune.recipe.inputs import refuse_offline_hub
+
+        refuse_offline_hub(spec, key or "SOURCE")  # offline mode cannot reach it: say so before torch loads
         return Resolved("hub", spec, spec, spec)
     path = found.path
     assert path is not None

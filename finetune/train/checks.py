@@ -1,8 +1,10 @@
 """Every check before training, in the order they run: each fails in seconds what would fail hours in.
 
 Before the run directory is claimed (`check_before_claim`; nothing is written if one fails):
-1. installed extras (bitsandbytes for QLoRA, trackers, TRL's ORPO), a run name that is not a secret;
-2. the datasets exist, and local preference rows parse;
+1. what `finetune validate` checks (recipe.inputs.check_inputs): data files and their first row, model.path's
+   kind, builtin: names, template, output dir, installed extras, a run name that is not a secret; then
+   the run directory can be claimed (and the checkpoint to resume fits the recipe); TRL's ORPO is installed;
+2. local preference rows parse;
 3. model.path: what it names (an earlier run, through its chain), with start_from's rules;
 4. the weights are safetensors (a pickle can run code when loaded);
 5. adapter module names against the model's meta-device skeleton (no weights loaded);
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.recipe import LoadedRecipe
 from finetune.recipe.methods import PREFERENCE_KINDS
 from finetune.recipe.schema import Recipe
 
@@ -28,25 +31,20 @@ OPTIMIZER_STATES = {"adamw_torch": 2, "adamw_torch_fused": 2, "adamw_8bit": 2, "
 SMALL_FILES = 2**20  # scheduler, RNG and trainer state, configs, model card: tens of KiB
 
 
-def check_recipe_inputs(recipe: Recipe):
+def check_recipe_inputs(loaded: LoadedRecipe, lifecycle=None):
     """Checks 1-4 (see the module docstring); returns where training starts (model.start.Start).
 
-    The launcher of a multi-process run runs these before it starts any process.
+    The launcher of a multi-process run runs these before it starts any process. `lifecycle` (a
+    RunLifecycle) checks the run directory and the checkpoint to resume right after the inputs, before
+    anything heavy is imported, so those refusals come in well under a second.
     """
-    from finetune.data.sources import check_dataset_exists
-    from finetune.model.load import check_quantisation_available
     from finetune.model.start import resolve_start
-    from finetune.redact import secret_key_paths
-    from finetune.train.trackers import check_trackers
+    from finetune.recipe.inputs import check_inputs
 
-    check_quantisation_available(recipe)
-    check_trackers(recipe)
-    if secret_key_paths(recipe.name):
-        raise UserError("name: looks like a secret (a token or key); it names the run directory, so it cannot "
-                        "be redacted. Choose another name")
-    for split in ("train", "eval"):
-        for i, spec in enumerate(getattr(recipe.data, split)):
-            check_dataset_exists(spec, f"data.{split}[{i}]")
+    recipe = loaded.recipe
+    check_inputs(loaded)
+    if lifecycle is not None:
+        lifecycle.check()
     if recipe.method.kind in PREFERENCE_KINDS:
         from finetune.data.pairs import check_local_preference_data
         from finetune.train.preference import check_orpo_available
@@ -58,9 +56,10 @@ def check_recipe_inputs(recipe: Recipe):
     return start
 
 
-def check_before_claim(recipe: Recipe, *, ignore_memory_plan: bool, log):
+def check_before_claim(loaded: LoadedRecipe, *, ignore_memory_plan: bool, log, lifecycle=None):
     """Every check that needs no weights (1-6): returns (start, the model's layout for the adapter)."""
-    start = check_recipe_inputs(recipe)
+    recipe = loaded.recipe
+    start = check_recipe_inputs(loaded, lifecycle)
     from finetune.adapters.targets import check_selection, read_layout
     from finetune.logs import quiet_libraries
     from finetune.model.load import resolve_precision

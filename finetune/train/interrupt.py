@@ -101,14 +101,26 @@ class RunInterrupted(UserError):
         self.exit_code = exit_code
 
 
+class Stage:
+    """What `finetune train` is doing now, so that Ctrl-C at any moment can say what it interrupted and what to do."""
+
+    def __init__(self, what: str, then: str):
+        self.what, self.then = what, then
+
+    def now(self, what: str, then: str | None = None) -> None:
+        """Enter the next stage (`then`: what to do if it is interrupted; unchanged when None)."""
+        self.what = what
+        self.then = then or self.then
+
+
 @contextlib.contextmanager
-def interruptible(what: str, then: str):
+def interruptible(stage: Stage):
     """Ctrl-C inside the block ends the command with one line: what was interrupted and what to do (exit 130).
 
     Training itself is covered by StopRequest (a checkpoint, then a resume command); this covers
     every other moment of `finetune train`: reading the recipe, checks, data, model loading, saving.
     """
     try:
-        yield
+        yield stage
     except KeyboardInterrupt:
-        raise RunInterrupted(f"Ctrl-C while {what}; {then}", exit_code=128 + signal.SIGINT) from None
+        raise RunInterrupted(f"Ctrl-C while {stage.what}; {stage.then}", exit_code=128 + signal.SIGINT) from None

@@ -29,7 +29,7 @@ from finetune.run import records
 from finetune.run.checkpoints import check_resume, checkpoint_step, resolve_resume, trim_metrics, write_atomic
 from finetune.run.layout import RunDir
 from finetune.run.lock import claim_run_dir
-from finetune.run.provenance import finish_provenance, hash_data, start_provenance
+from finetune.run.provenance import base_identity, finish_provenance, hash_data, start_provenance
 from finetune.train.checks import check_disk, plan_disk
 from finetune.train.interrupt import RunInterrupted, StopRequest
 from finetune.train.trackers import tracker_env
@@ -51,10 +51,30 @@ class RunLifecycle:
         self.resume_command = resume_command or f"finetune train {loaded.source} --resume"
         self.checkpoint: Path | None = None
         self.resumed_step: int | None = None  # read at the start: rotation may delete the checkpoint later
+        self.data: list | None = None  # hashes of the data files (hash_data)
         self.lock = None
         self.main = os.environ.get("RANK", "0") == "0"  # torchrun and accelerate set RANK
         self.launched = launched  # a worker of finetune.launch: the launcher holds the run dir's lock
         self._restore_env = None
+
+    def check(self) -> None:
+        """Refuse, before anything heavy loads and writing nothing, what needs no model: a run dir that
+        holds a run (without --overwrite or --resume) or that another process writes, and a checkpoint
+        to resume that is missing or whose recipe or data changed (without --force)."""
+        from finetune.run.lock import check_claimable
+
+        if self.main and not self.launched:
+            check_claimable(self.dir, overwrite=self.overwrite, resume=self.resume is not None)
+        self._pick_checkpoint()
+
+    def _pick_checkpoint(self) -> None:
+        if self.resume is None or self.checkpoint is not None:
+            return
+        self.data = self.data or hash_data(self.recipe)
+        self.checkpoint = resolve_resume(self.resume, self.dir, self.log)
+        check_resume(self.checkpoint, redact(self.recipe.model_dump(mode="json")), self.data, force=self.force,
+                     log=self.log)
+        self.resumed_step = checkpoint_step(self.checkpoint)
 
     def __enter__(self) -> RunLifecycle:
         if self.main and not self.launched:
@@ -94,16 +114,14 @@ class RunLifecycle:
         plain = self.recipe.model_dump(mode="json")
         for key in secret_key_paths(plain):
             self.log(f"warning: {key} looks like a secret (a token or key); it is written as {REDACTED} everywhere")
-        recipe_dict, self.data = redact(plain), hash_data(self.recipe)
+        recipe_dict, self.data = redact(plain), self.data or hash_data(self.recipe)
         if self.resume is not None:
-            self.checkpoint = resolve_resume(self.resume, self.dir, self.log)
-            check_resume(self.checkpoint, recipe_dict, self.data, force=self.force, log=self.log)
-            self.resumed_step = checkpoint_step(self.checkpoint)
+            self._pick_checkpoint()
             self.log(f"resuming from {self.checkpoint} (step {self.resumed_step})")
         self.recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False, allow_unicode=True)
         self.provenance = start_provenance(
             self.recipe, self.loaded.source, self.data, resumed_from=str(self.checkpoint) if self.checkpoint else None,
-            start=_start_record(self.start),
+            start=_start_record(self.start), base=self._base_identity() if self.main else None,
         )
         self.provenance.steps_done = self.resumed_step or 0
         if not self.main:
@@ -111,6 +129,13 @@ class RunLifecycle:
         write_atomic(self.run.recipe, self.recipe_yaml)
         trim_metrics(self.run.metrics, self.resumed_step)
         records.write_provenance(self.run.provenance, self.provenance)
+
+    def _base_identity(self) -> records.BaseIdentity:
+        """The true base this run trains on (through earlier runs), by Hub revision or content hash."""
+        if self.start is not None:  # named as the recipe names it, unless it was reached through an earlier run
+            name = None if self.start.run is not None else self.recipe.model.path
+            return base_identity(self.start.base, self.start.revision, name)
+        return base_identity(self.recipe.model.path, self.recipe.model.revision)
 
     def _record(self, status: str, metrics: dict[str, Any] | None = None) -> None:
         self.provenance.steps_done = max(self.steps_done, self.resumed_step or 0)

@@ -19,7 +19,7 @@ from finetune.recipe.methods import PREFERENCE_KINDS
 from finetune.run import records
 from finetune.run.layout import RunDir
 from finetune.train.checks import check_before_claim, report_longest
-from finetune.train.interrupt import interruptible
+from finetune.train.interrupt import Stage, interruptible
 from finetune.train.lifecycle import RunLifecycle
 from finetune.train.memory import peak_memory
 from finetune.train.trainers import TRAINERS
@@ -60,16 +60,24 @@ def run_training(
             f"distributed.strategy: '{recipe.distributed.strategy}' starts several processes; "
             "run it with `finetune train` (finetune.launch.launcher.launch_training), not in this process"
         )
-    with interruptible("checking the recipe", "nothing was written; run the same command again"):
+    lifecycle = RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
+                             resume_command=resume_command, launched=launched)
+    # Ctrl-C at any moment: one line naming the stage it interrupted and what to do (the lifecycle records it)
+    with interruptible(Stage("checking the recipe", "nothing was written; run the same command again")) as stage:
         # Everything that needs no weights, before the run directory is claimed: a typo costs seconds
         # and leaves nothing behind (train.checks lists them in order).
-        start, layout = check_before_claim(recipe, ignore_memory_plan=ignore_memory_plan, log=log)
-    with RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
-                      resume_command=resume_command, launched=launched, start=start) as run:
-        return _train(recipe, start, layout, run, log, callbacks)
+        start, layout = check_before_claim(loaded, ignore_memory_plan=ignore_memory_plan, log=log,
+                                           lifecycle=lifecycle)
+        lifecycle.start = start
+        stage.now(f"claiming {recipe.run_dir}", "run the same command again")
+        with lifecycle as run:
+            again = f"nothing was trained; run `{run.resume_command.removesuffix(' --resume')}` again (it " \
+                    f"replaces {run.dir})"
+            stage.now("starting the run", again)
+            return _train(recipe, start, layout, run, log, callbacks, stage)
 
 
-def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks) -> Path:
+def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks, stage: Stage) -> Path:
     run_dir = run.run
     log(f"run directory: {run_dir.root}  (resolved recipe in {run_dir.recipe})")
 
@@ -77,37 +85,40 @@ def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks) -> 
     from finetune.model.start import load_start_adapter
 
     precision = resolve_precision(recipe)
-    again = f"nothing was trained; run `{run.resume_command.removesuffix(' --resume')}` again (it replaces " \
-            f"{run_dir.root})"
-    with interruptible("preparing the data", again):
-        with main_process_first():  # a builtin model is built, a Hub model downloaded, once
-            tokenizer, new_tokens = prepare_tokenizer(recipe, start)
-        with main_process_first():  # one process prepares (and caches) the data while the others wait
-            train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
-        total_steps = _total_steps(recipe, train_ds) if recipe.adapter.kind == "adalora" else None
+    stage.now("preparing the data")
+    with main_process_first():  # a builtin model is built, a Hub model downloaded, once
+        tokenizer, new_tokens = prepare_tokenizer(recipe, start)
+    with main_process_first():  # one process prepares (and caches) the data while the others wait
+        train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
+    total_steps = _total_steps(recipe, train_ds) if recipe.adapter.kind == "adalora" else None
 
+    stage.now("loading the model")
     log(f"loading {start.base} ({precision.load_dtype}, {precision.device})"
         + (f" with the adapter of {start.run} to keep training" if start.adapter else ""))
-    with interruptible("loading the model", again):
-        with zero3_weight_loading():
-            model = load_start_adapter(load_model(start.base, recipe, precision, revision=start.revision), start)
-        trainer = _build_trainer(recipe, start, layout, model, tokenizer, new_tokens, train_ds, eval_ds,
-                                 precision, total_steps, run_dir, log)
+    with zero3_weight_loading():
+        model = load_start_adapter(load_model(start.base, recipe, precision, revision=start.revision), start)
+    trainer = _build_trainer(recipe, start, layout, model, tokenizer, new_tokens, train_ds, eval_ds,
+                             precision, total_steps, run_dir, log)
+    stage.now("starting training")  # once steps run, StopRequest turns Ctrl-C into a checkpoint instead
     started = time.perf_counter()
     result = run.train(trainer, start.base, callbacks)
     seconds = time.perf_counter() - started
     artifact = run_dir.artifact(recipe.adapter.kind)
-    with interruptible(f"saving {artifact} after step {trainer.state.global_step}",
-                       "it may be incomplete; train again with --overwrite"):
-        summary = _save_outputs(recipe, trainer, tokenizer, run_dir, result.metrics, seconds, run.resumed_step)
-        if summary is None:  # another process of a multi-process run: the main one writes and reports
-            return run_dir.root
-        run.finish(summary, artifact)
+    stage.now(f"saving {artifact} after step {trainer.state.global_step}",
+              "it may be incomplete; train again with --overwrite")
+    summary = _save_outputs(recipe, trainer, tokenizer, run_dir, result.metrics, seconds, run.resumed_step)
+    if summary is None:  # another process of a multi-process run: the main one writes and reports
+        return run_dir.root
+    run.finish(summary, artifact)
+    stage.now("finishing", f"the run is complete: {artifact}")
     from finetune.train.progress import describe_reward_change
 
     if change := describe_reward_change(summary.model_dump()):
         log(change)
-    log(f"done: {artifact}" + (f"; next: finetune merge {run_dir.root}" if recipe.adapter.kind != "full" else ""))
+    from finetune.merge.mergeable import mergeable
+
+    then = "merge" if mergeable(recipe.adapter.kind, getattr(recipe.adapter, "init", None)) else "chat"
+    log(f"done: {artifact}; next: finetune {then} {run_dir.root}")
     return run_dir.root
 
 

@@ -39,7 +39,9 @@ def training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> d
         "data_seed": t.seed,
         "logging_steps": t.logging_steps,
         "logging_first_step": True,
-        "eval_strategy": "steps" if has_eval and t.eval_steps else "no",
+        # eval data without eval_steps is evaluated at each epoch's end (and so at the end of training):
+        # listing data.eval says "evaluate", and silently never doing it was the surprise
+        "eval_strategy": ("steps" if t.eval_steps else "epoch") if has_eval else "no",
         "eval_steps": t.eval_steps,
         "save_strategy": "steps" if t.save_steps else "no",
         "save_steps": t.save_steps or 500,
