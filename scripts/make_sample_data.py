@@ -215,21 +215,42 @@ def make_qa_csv(rng: random.Random, n: int = 80) -> list[dict]:
     return [dict(zip(("question", "answer"), random_qa(rng)[:2], strict=True)) for _ in range(n)]
 
 
-TOOL_CALL, TOOL_CALL_END = "<tool_call>", "</tool_call>"  # not in the builtin vocabulary: recipes add them
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "capital", "description": "The capital city of a country.",
+        "parameters": {"type": "object", "properties": {"country": {"type": "string", "description": "A country"}},
+                       "required": ["country"]}}},
+    {"type": "function", "function": {
+        "name": "add", "description": "The sum of two integers.",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer", "description": "First"},
+                                                        "b": {"type": "integer", "description": "Second"}},
+                       "required": ["a", "b"]}}},
+]  # fmt: skip
 
 
 def make_tool_calls(rng: random.Random, n: int = 120) -> list[dict]:
-    """Chat rows whose answers are tool calls wrapped in new special tokens (recipes/tiny/sft_new_tokens.yaml)."""
+    """Tool-calling chats in the OpenAI format: the assistant calls a tool (no text), the tool answers, the
+    assistant replies. `tools` lists the schemas the chat template shows the model (recipes/tiny/sft_tool_calls.yaml);
+    templates with tool calls (qwen2.5, qwen3) write each call inside <tool_call> ... </tool_call>, the tokens
+    recipes/tiny/sft_new_tokens.yaml adds."""
     rows = []
-    for _ in range(n):
+    for i in range(n):
+        call_id = f"call{i:05d}"  # nine characters, as Mistral's templates require
         if rng.random() < 0.5:
             country = rng.choice(sorted(CAPITALS))
-            question, call = f"Look up the capital of {country}.", f'capital("{country}")'
+            question, name, arguments = f"Look up the capital of {country}.", "capital", {"country": country}
+            result, answer = CAPITALS[country], f"The capital of {country} is {CAPITALS[country]}."
         else:
             a, b = rng.choice(TRAIN_SUMS)
-            question, call = f"Use the calculator: what is {a} plus {b}?", f"add({a}, {b})"
-        answer = f"{TOOL_CALL}{call}{TOOL_CALL_END}"
-        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+            question, name, arguments = f"Use the calculator: what is {a} plus {b}?", "add", {"a": a, "b": b}
+            result, answer = str(a + b), f"{a} plus {b} is {a + b}."
+        call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        rows.append({"tools": TOOLS, "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call_id, "name": name, "content": result},
+            {"role": "assistant", "content": answer},
+        ]})  # fmt: skip
     return rows
 
 

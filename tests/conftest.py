@@ -42,3 +42,24 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
         timeout=timeout,
         env=os.environ.copy(),
     )
+
+
+def invoke_cli(*args: str, input: str | None = None):
+    """Run a finetune command in this process: the same Typer app, argument parsing and error handling as
+    the console entry point (`finetune.cli.app.main`), without paying the ML imports again per command."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+    from finetune.cli.app import _bare_resume
+    from finetune.errors import UserError
+
+    result = CliRunner().invoke(app, _bare_resume([str(a) for a in args]), input=input)
+    code, err = result.exit_code, result.stderr
+    if isinstance(result.exception, UserError):
+        code = result.exception.exit_code
+        err += f"{getattr(result.exception, 'label', 'error')}: {result.exception.render()}\n"
+    elif result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return SimpleNamespace(returncode=code, stdout=result.stdout, stderr=err)

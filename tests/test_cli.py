@@ -23,6 +23,7 @@ RECIPE = str(REPO / "recipes/tiny/sft_lora.yaml")
         ["init", "{tmp}/new.yaml"],
         ["train", "--help"],
         ["--version"],
+        ["models"],
     ],
     ids=lambda a: " ".join(a[:1]),
 )
@@ -64,7 +65,7 @@ def test_three_mistakes_give_three_messages_exit_2_no_traceback_nothing_written(
         (["validate", "missing.yaml"], "missing.yaml: cannot read the recipe: no such file"),
         (["validate", RECIPE, "--set", "training.lr=1"], "unknown key; did you mean"),
         (["validate", RECIPE, "--set", "nokey"], "expected KEY.PATH=VALUE"),
-        (["merge", "nowhere"], "nowhere: no such run or adapter directory"),
+        (["merge", "nowhere"], "nowhere: no such directory"),
         (["merge", "x", "--dtype", "fp8"], "--dtype: expected float32, bfloat16 or float16"),
         (["tiny-model", "out", "--arch", "gpt9"], "--arch: expected llama or qwen3"),
     ],
@@ -88,7 +89,12 @@ def test_schema_is_json_schema_with_descriptions(tmp_path):
     out = tmp_path / "s.json"
     assert run_cli("schema", "--out", str(out)).returncode == 0
     assert json.loads(out.read_text()) == schema
-    assert run_cli("schema", "--out", str(out)).returncode == 2  # never overwrites
+    assert run_cli("schema", "--out", str(out)).returncode == 0  # its own earlier output is overwritten
+    other = tmp_path / "notes.json"
+    other.write_text("{}")
+    refused = run_cli("schema", "--out", str(other))
+    assert refused.returncode == 2 and "pass --force" in refused.stderr and other.read_text() == "{}"
+    assert run_cli("schema", "--out", str(other), "--force").returncode == 0 and json.loads(other.read_text()) == schema
 
 
 def test_init_writes_a_valid_recipe_and_never_overwrites(tmp_path):

@@ -30,20 +30,20 @@ def tokenizer_for(recipe):
     return tokenizer
 
 
-def make_recipe(train: list[dict], **data):
+def make_recipe(train: list[dict], max_length: int = 256, **data):
     return recipe_from_dict({
         "model": {"path": "builtin:tiny-llama"},
         "data": {"train": train, **data},
         "method": {"kind": "sft"},
-        "training": {"max_length": 256},
+        "training": {"max_length": max_length},
     })  # fmt: skip
 
 
-def prepare(train: list[dict], *, log: list[str] | None = None, **data):
+def prepare(train: list[dict], *, log: list[str] | None = None, max_length: int = 256, **data):
     """prepare_datasets for a recipe with these datasets; returns (train, eval, audits, tokenizer)."""
     from finetune.data.prepare import prepare_datasets
 
-    recipe = make_recipe(train, **data)
+    recipe = make_recipe(train, max_length, **data)
     tokenizer = tokenizer_for(recipe)
     lines = [] if log is None else log
     train_ds, eval_ds, audits = prepare_datasets(recipe, tokenizer, lines.append)
@@ -204,6 +204,115 @@ def test_a_dataset_left_with_nothing_to_train_is_an_error(tmp_path):
         prepare([{"path": str(path)}], on_bad_row="skip")
 
 
+# --- tool calls, exactness, end of turn, template dates ------------------------------------------
+
+
+def test_tool_calls_train_and_tool_results_never_do(tmp_path, torch_one_thread):
+    train, _, (audit,), tokenizer = prepare(
+        [{"path": "builtin:sample_tool_calls.jsonl", "max_rows": 6}], chat_template="qwen2.5", max_length=1024)
+    assert audit.kept == 6 and audit.end_of_turn == ["<|im_end|>"] and audit.rows_without_end_of_turn == 0
+    from finetune.data.preview import token_segments
+
+    for row in train:
+        segments = token_segments(tokenizer, row["input_ids"], row["labels"])
+        trained = [text for text, on in segments if on]
+        masked = "".join(text for text, on in segments if not on)
+        call = re.findall(r"<tool_call>\n(.*)\n</tool_call>", "".join(t for t, _ in segments))[-1]  # [0]: example
+        assert trained[0] == f"<tool_call>\n{call}\n</tool_call><|im_end|>"  # the call, written by the assistant
+        assert len(trained) == 2 and trained[1].endswith(".<|im_end|>")  # and the reply
+        assert re.search(r"<\|im_start\|>user\n<tool_response>\n\w+\n</tool_response><\|im_end\|>", masked)
+
+
+def test_tool_rows_are_checked_and_unknown_roles_are_never_advised_to_be_assistant(tmp_path, torch_one_thread):
+    call_only = {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "capital", "arguments": {"country": "France"}}}]},
+        {"role": "tool", "content": "Paris"}, {"role": "assistant", "content": "Paris."}]}
+    bad_calls = {"messages": [USER, {"role": "assistant", "content": "", "tool_calls": "capital(France)"}]}
+    function_role = {"messages": [USER, {"role": "function", "content": "Paris"},
+                                  {"role": "assistant", "content": "Paris."}]}
+    path = write_lines(tmp_path / "t.jsonl", [call_only, bad_calls, function_role])
+    with pytest.raises(UserError) as info:
+        prepare([{"path": str(path)}], chat_template="qwen2.5")
+    message = info.value.render()
+    assert f"{path}:2: messages[1].tool_calls must be a list of" in message
+    assert f"{path}:3: messages[1] has role 'function'" in message and "tool for tool or function results" in message
+    assert "roles: {function: assistant}" not in message
+    _, _, (audit,), _ = prepare([{"path": str(path)}], chat_template="qwen2.5", on_bad_row="skip")
+    assert audit.kept == 1
+    _, _, (mapped,), _ = prepare([{"path": str(path), "roles": {"function": "tool"}}], chat_template="qwen2.5",
+                                 on_bad_row="skip")
+    assert mapped.kept == 2
+
+
+def test_rows_a_template_cannot_train_exactly_stop_the_run_even_with_skip(tmp_path, torch_one_thread):
+    thought = {"messages": [USER, {"role": "assistant", "content": "Paris.", "reasoning_content": "I know it."},
+                            {"role": "user", "content": "And Italy?"}, {"role": "assistant", "content": "Rome."}]}
+    path = write_lines(tmp_path / "train.jsonl", [GOOD, thought])
+    for on_bad_row in ("error", "skip"):
+        with pytest.raises(UserError) as info:
+            prepare([{"path": str(path)}], chat_template="qwen3", on_bad_row=on_bad_row)
+        message = info.value.render()
+        assert "cannot train 1 row(s)" in message and f"{path}:2: Assistant turn 1 (message 1)" in message
+        assert "data.train_on: last_assistant" in message
+    _, _, (audit,), _ = prepare([{"path": str(path)}], chat_template="qwen3", train_on="last_assistant")
+    assert audit.kept == 2
+
+
+def test_a_template_that_trains_no_stop_token_is_warned_about_and_audited(tmp_path, torch_one_thread):
+    template = tmp_path / "no_end.jinja"  # ChatGLM3's shape: the next header follows a reply directly
+    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n {{ m['content'] }}{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
+    path = numbered(tmp_path / "train.jsonl", 4)
+    log: list[str] = []
+    _, _, (audit,), _ = prepare([{"path": str(path)}], chat_template=str(template), log=log)
+    assert audit.rows_without_end_of_turn == 4 and audit.end_of_turn == []
+    warnings = [line for line in log if line.startswith("warning:") and "no stop token is trained" in line]
+    assert len(warnings) == 1 and "4 row(s)" in warnings[0], log
+
+
+def test_a_template_that_prints_the_date_shows_one_pinned_date_recorded_in_audit_and_key(tmp_path, torch_one_thread):
+    from datetime import date
+
+    from finetune.data.cache import cache_key
+    from finetune.data.render import renders_date
+
+    path = numbered(tmp_path / "train.jsonl", 2)
+    log: list[str] = []
+    train, _, (audit,), tokenizer = prepare([{"path": str(path)}], chat_template="llama-3.2", log=log)
+    today = date.today()
+    assert audit.template_date == today.isoformat()
+    assert any("prints today's date" in line and today.isoformat() in line for line in log)
+    assert today.strftime("%d %b %Y") in tokenizer.decode(train[0]["input_ids"])
+    pinned, _, (pinned_audit,), _ = prepare([{"path": str(path)}], chat_template="llama-3.2",
+                                            template_date="2001-02-03")
+    assert pinned_audit.template_date == "2001-02-03" and "03 Feb 2001" in tokenizer.decode(pinned[0]["input_ids"])
+    recipe = make_recipe([{"path": str(path)}])
+    template = tokenizer.chat_template
+    assert renders_date(template) and not renders_date(tokenizer_for(recipe).chat_template)
+    assert cache_key(recipe, tokenizer, template, {}, "2001-02-03") != cache_key(recipe, tokenizer, template, {},
+                                                                                 "2001-02-04")
+    _, _, (plain,), _ = prepare([{"path": str(path)}])
+    assert plain.template_date is None  # the tiny model's ChatML prints no date
+
+
+def test_cache_key_changes_with_the_libraries_and_the_encoding_format(tmp_path, monkeypatch):
+    import finetune.data.cache as cache
+
+    recipe = make_recipe([{"path": "builtin:sample_chat.jsonl"}])
+    tokenizer = tokenizer_for(recipe)
+    key = cache.cache_key(recipe, tokenizer, None, {})
+    versions = cache.library_versions()
+    assert set(versions) >= {"tokenizers", "transformers"}
+    monkeypatch.setattr(cache, "library_versions", lambda: {**versions, "transformers": "99.0.0"})
+    assert cache.cache_key(recipe, tokenizer, None, {}) != key
+    monkeypatch.setattr(cache, "library_versions", lambda: versions)
+    assert cache.cache_key(recipe, tokenizer, None, {}) == key
+    monkeypatch.setattr(cache, "FORMAT_VERSION", cache.FORMAT_VERSION + 1)
+    assert cache.cache_key(recipe, tokenizer, None, {}) != key
+    monkeypatch.setattr(cache, "__version__", "0.0.0-other")
+    assert cache.cache_key(recipe, tokenizer, None, {}) != key
+
+
 # --- mixing, eval split, determinism -------------------------------------------------------------
 
 
@@ -236,9 +345,9 @@ def test_weights_samples_and_eval_fraction_are_seeded(tmp_path, monkeypatch, tor
 def test_second_prepare_tokenises_nothing_until_content_changes(tmp_path, monkeypatch, torch_one_thread):
     import finetune.data.masks as masks
 
-    calls = []
-    tokenize = masks._tokenize
-    monkeypatch.setattr(masks, "_tokenize", lambda *a, **k: calls.append(1) or tokenize(*a, **k))
+    calls = []  # one per row encoded
+    encode = masks._encode
+    monkeypatch.setattr(masks, "_encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
     path = numbered(tmp_path / "train.jsonl", 30)
     log: list[str] = []
     first, _, _, tokenizer = prepare([{"path": str(path)}], log=log)
@@ -288,7 +397,7 @@ def test_preview_marks_exactly_the_trained_tokens_of_a_template_without_generati
     from finetune.data.templates import BUILTIN_TEMPLATES
 
     assert not re.search(r"{%-?\s*generation\s*-?%}", BUILTIN_TEMPLATES["chatml"])  # stock ChatML: TRL refuses it
-    result = run_cli("data", "preview", str(preview_recipe(tmp_path)), "--n", "2", "--set",
+    result = run_cli("data", "preview", str(preview_recipe(tmp_path)), "-n", "2", "--set",
                      "data.chat_template=chatml", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     legend, out = result.stdout.split("\n", 1)

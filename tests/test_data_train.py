@@ -23,13 +23,13 @@ def train(recipe: str, out: Path, *overrides: str) -> tuple[Path, list[str]]:
     return run_training(loaded, log=lines.append), lines
 
 
-@pytest.mark.parametrize("recipe", ["sft_alpaca.yaml", "pretrain_text.yaml", "sft_mix.yaml"])
+@pytest.mark.parametrize("recipe", ["sft_alpaca.yaml", "pretrain_text.yaml", "sft_mix.yaml", "sft_tool_calls.yaml"])
 def test_shipped_format_recipes_train(recipe, tmp_path, torch_one_thread):
     run_dir, _ = train(recipe, tmp_path / "run")
     assert (run_dir / "adapter/adapter_model.safetensors").is_file()
     losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
-    audit = json.loads((run_dir / "audit.json").read_text())
+    audit = json.loads((run_dir / "audit.json").read_text())["datasets"]
     assert all(a["kept"] > 0 and a["trained_tokens"] > 0 for a in audit)
 
 
@@ -44,11 +44,11 @@ def test_second_train_on_unchanged_data_tokenises_nothing(tmp_path, monkeypatch,
         original = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(name) or original(*a, **k))
 
-    spy(masks, "_tokenize")  # our encoder (the Rust tokenizer, one call per row)
+    spy(masks, "_encode")  # our encoder (one call per row)
     spy(transformers.PreTrainedTokenizerBase, "__call__")  # anything else, TRL included
     spy(transformers.PreTrainedTokenizerBase, "apply_chat_template")
     first, lines = train("sft_sharegpt.yaml", tmp_path / "first")
-    assert calls.count("_tokenize") == 120 and any("cache entry" in line for line in lines)
+    assert calls.count("_encode") == 120 and any("cache entry" in line for line in lines)
     calls.clear()
     second, lines = train("sft_sharegpt.yaml", tmp_path / "second")
     assert calls == [], calls

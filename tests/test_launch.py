@@ -237,7 +237,7 @@ def test_rules_refuse_deepspeed_missing_qlora_zero3_too_many_processes_and_ignor
     err = refused(tmp_path, "train", str(path), hide_deepspeed=True)
     assert "4 problems with this launch; nothing was started" in err
     assert "distributed.strategy: strategy 'deepspeed' needs the deepspeed package" in err
-    assert "Fix: pip install 'finetune[deepspeed]'" in err
+    assert "Fix: pip install 'finetune-recipes[deepspeed]'" in err
     assert f"distributed.num_processes: {cores + 1} CPU processes, but this machine has {cores} core(s)" in err
     assert f"Fix: set num_processes to at most {cores}" in err
     assert "training.optimizer: the DeepSpeed config builds its own optimizer (AdamW" in err
@@ -270,12 +270,12 @@ def test_rules_refuse_unknown_mismatched_and_contradicting_config_files(tmp_path
     from finetune.launch.launcher import prepare_launch
 
     def problems(distributed: dict) -> str:
-        with pytest.raises(UserError, match="nothing was started") as info:
+        with pytest.raises(UserError, match="nothing was (started|written)") as info:
             prepare_launch(load_recipe(write_recipe(tmp_path, distributed=distributed)), CPU_BOX)
         return "\n".join(info.value.problems)
 
-    assert "distributed.config: no config named 'zero4' (shipped: fsdp2-full-shard, fsdp2-shard-grad-op, zero1, " \
-           "zero2, zero3, zero3-offload), and no such file" in problems(
+    assert "distributed.config: no shipped config named 'zero4' (did you mean 'zero3'?) and no such file; shipped: " \
+           "fsdp2-full-shard, fsdp2-shard-grad-op, zero1, zero2, zero3, zero3-offload" in problems(
         {"strategy": "deepspeed", "config": "zero4", "num_processes": 2})
     assert "zero3.json is a config for deepspeed, but strategy is 'ddp'" in problems(
         {"strategy": "ddp", "config": "zero3", "num_processes": 2})
@@ -308,3 +308,19 @@ def test_launch_plan_prints_command_environment_and_files(tmp_path):
     assert not (tmp_path / "runs").exists()
     single = run_cli("launch-plan", str(REPO / "recipes/tiny/sft_lora.yaml"))
     assert single.returncode == 0 and "one process" in single.stdout
+
+
+def test_launch_plan_plans_more_processes_than_this_machine_has_cores_and_warns(tmp_path):
+    from finetune.launch.launcher import describe_launch, prepare_launch
+
+    distributed = {"strategy": "ddp", "num_processes": 8}
+    loaded = load_recipe(write_recipe(tmp_path, distributed=distributed, training={"precision": "bf16"}))
+    text = describe_launch(loaded, CPU_BOX)  # a 2-core login node planning for 8 GPUs elsewhere
+    assert "8 process(es) on this machine" in text
+    assert "# warning (this machine; the machines that run it may differ)" in text and "2 core(s)" in text
+    with pytest.raises(UserError, match="'bf16' needs a CUDA GPU"):
+        prepare_launch(loaded, CPU_BOX)  # `finetune train` here still refuses
+    with pytest.raises(UserError) as refused:
+        prepare_launch(load_recipe(write_recipe(tmp_path, "fp32", distributed=distributed)), CPU_BOX)
+    assert "8 CPU processes, but this machine has 2 core" in refused.value.render()
+    assert not (tmp_path / "runs").exists()

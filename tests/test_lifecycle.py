@@ -30,6 +30,7 @@ SECRETS = {
     "MY_SERVICE_API_KEY": "PlantedServiceKey-zz-42-42",
 }
 RECIPE_SECRET = "hf_PlantedRecipeToken0123456789abcdefQRS"
+ARGV_SECRET = "hf_PlantedArgvToken0123456789abcdefLMN"  # given on the command line (wandb records argv)
 STEPS = 60
 
 
@@ -90,7 +91,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 def assert_no_secret_in(run_dir: Path) -> None:
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert len(files) > 10
-    for secret in [*SECRETS.values(), RECIPE_SECRET]:
+    for secret in [*SECRETS.values(), RECIPE_SECRET, ARGV_SECRET]:
         leaks = [str(p) for p in files if secret.encode() in p.read_bytes()]
         assert not leaks, f"{secret} written to {leaks}"
 
@@ -113,9 +114,12 @@ def reference(tmp_path_factory, torch_one_thread, planted):
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", path.name], check=True)
     subprocess.run([*git, "commit", "-qm", "recipe"], check=True)
+    override = f"logging.run_name=run-{RECIPE_SECRET}-{ARGV_SECRET}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
-        run_dir = train(path)
+        patch.setattr(sys, "argv", ["finetune", "train", str(path), "--set", override])  # as the CLI sees it
+        run_dir = train(path, [override])
+        assert sys.argv[-1] == override  # restored after the run
     return run_dir
 
 
@@ -150,7 +154,15 @@ def test_sigint_at_step_30_then_resume_lands_where_the_uninterrupted_run_lands(r
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{last}'} (step {last})" in resumed.stderr
     assert_same_run(run_dir, reference)
-    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] == last
+    summary, whole = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    assert summary["resumed_from_step"] == last and [r["step"] for r in summary["resumes"]] == [last]
+    # The counters carry on from the checkpoint, and the summary covers both segments, not the last alone.
+    assert summary["tokens"] == whole["tokens"] and summary["tokens"]["num_trained_tokens"] > 0
+    assert summary["first_and_last"]["loss"] == pytest.approx(whole["first_and_last"]["loss"], rel=1e-5)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    counts = [(r["step"], r["num_trained_tokens"]) for r in metrics if "num_trained_tokens" in r]
+    assert counts == [(r["step"], r["num_trained_tokens"]) for r in expected if "num_trained_tokens" in r]
     assert_no_secret_in(run_dir)
 
 
@@ -240,7 +252,10 @@ def test_provenance_model_card_trackers_and_no_planted_secret(reference):
     assert_no_secret_in(reference)
     provenance = json.loads((reference / "provenance.json").read_text())
     assert provenance["status"] == "completed" and provenance["metrics"]["global_step"] == STEPS
-    assert provenance["recipe"]["logging"]["run_name"] == "run-<redacted>"
+    assert provenance["recipe"]["logging"]["run_name"] == "run-<redacted>-<redacted>"
+    if _installed("wandb"):  # wandb keeps the command line it saw in its run files: redacted there
+        seen = b"logging.run_name=run-<redacted>-<redacted>"
+        assert any(seen in p.read_bytes() for p in (reference / "wandb").rglob("*") if p.is_file())
     assert provenance["git"]["revision"] == subprocess.run(
         ["git", "-C", str(reference.parent.parent), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -382,7 +397,7 @@ def test_progress_display_in_a_terminal_shows_eta_loss_lr_rate_memory(torch_one_
     [
         (["--resume"], "no complete checkpoint in"),
         (["--resume", "--overwrite"], "choose one"),
-        (["--resume", "nowhere"], "--resume: nowhere: no such checkpoint or run directory"),
+        (["--resume", "nowhere"], "--resume: nowhere: no such directory"),
     ],
 )
 def test_resume_flag_errors_exit_2_before_any_model_loads(argv, message, tmp_path):
@@ -394,7 +409,7 @@ def test_resume_flag_errors_exit_2_before_any_model_loads(argv, message, tmp_pat
 
 
 def test_bare_resume_takes_the_latest_checkpoint():
-    from finetune.cli import _bare_resume
+    from finetune.cli.app import _bare_resume
     from finetune.run.checkpoints import LATEST
 
     assert _bare_resume(["train", "r.yaml", "--resume"]) == ["train", "r.yaml", f"--resume={LATEST}"]

@@ -143,8 +143,8 @@ def replies_of(messages) -> list[str]:
 @pytest.mark.parametrize("template", list(BUILTIN_TEMPLATES))
 def test_builtin_templates_train_exactly_the_replies(template, conversation):
     messages = CONVERSATIONS[conversation]
-    if template == "gemma-2" and messages[0]["role"] == "system":
-        pytest.skip("Gemma-2's template refuses system messages (tested below)")
+    if template in ("gemma-2", "mistral") and messages[0]["role"] == "system":
+        pytest.skip("Gemma-2's template refuses system messages, Mistral's drops them (both tested below)")
     tokenizer = make_tokenizer(TEMPLATE_FAMILY[template])
     chat_template = BUILTIN_TEMPLATES[template]
     expected = expected_turns(template, replies_of(messages))
@@ -226,7 +226,8 @@ def test_qwen3_dropped_thinking_is_an_error_not_a_wrong_mask():
     tokenizer = make_tokenizer("qwen3")
     messages = [dict(message) for message in THREE]
     messages[1]["content"] = "<think>\nI recall.\n</think>\n\nParis."
-    with pytest.raises(UserError, match=r"Assistant turn 1 \(message 1\) could not be located.*<think>"):
+    with pytest.raises(UserError, match=r"Assistant turn 1 \(message 1\).*does not write this reply's text.*<think>"
+                       r".*train_on: last_assistant"):
         encode_messages(tokenizer, messages, chat_template=BUILTIN_TEMPLATES["qwen3"])
     last = encode_messages(tokenizer, messages, chat_template=BUILTIN_TEMPLATES["qwen3"], train_on="last_assistant")
     assert trained_runs(tokenizer, last) == ["<think>\n\n</think>\n\nRome.<|im_end|>"]
@@ -262,17 +263,19 @@ def test_error_nothing_to_train():
         encode_prompt_completion(
             tokenizer, [Q_FRANCE], [{"role": "user", "content": "Hi"}], chat_template=BUILTIN_TEMPLATES["chatml"]
         )
-    with pytest.raises(UserError, match="no text to train on"):
+    with pytest.raises(UserError, match="has neither text nor a tool call to train on"):
         encode_messages(
             tokenizer, [Q_FRANCE, {"role": "assistant", "content": " "}], chat_template=BUILTIN_TEMPLATES["chatml"]
         )
 
 
-def test_stock_mistral_template_drops_the_system_message_of_finished_conversations():
-    # Upstream behaviour, kept as is: the system prompt only goes into a final user message.
+def test_stock_mistral_template_dropping_the_system_prompt_is_refused():
+    # Upstream behaviour: the system prompt only goes into a final user message, so a finished
+    # conversation would be trained without it. Refused, saying what to do, rather than trained silently.
     tokenizer = make_tokenizer("mistral")
-    encoded = encode_messages(tokenizer, WITH_SYSTEM, chat_template=BUILTIN_TEMPLATES["mistral"])
-    assert "terse" not in tokenizer.decode(encoded.input_ids)
+    for train_on in ("all_assistant", "last_assistant"):
+        with pytest.raises(UserError, match=r"Message 0 \(system\).*drops this system prompt.*first user message"):
+            encode_messages(tokenizer, WITH_SYSTEM, chat_template=BUILTIN_TEMPLATES["mistral"], train_on=train_on)
 
 
 def test_error_template_refusing_the_conversation():
@@ -323,12 +326,16 @@ def test_tool_calls_are_trained_with_their_reply():
     encoded = encode_messages(tokenizer, messages, chat_template=BUILTIN_TEMPLATES["qwen2.5"])
     tool_call = '<tool_call>\n{"name": "capital", "arguments": {"country": "France"}}\n</tool_call>'
     assert trained_runs(tokenizer, encoded) == [f"I recall.\n{tool_call}<|im_end|>", "Paris.<|im_end|>"]
-    # Llama-3 writes a tool call instead of the reply's text: that turn cannot be trained.
+    # Llama-3 writes a tool call instead of the reply's text: the text would be lost, so the row is refused,
+    # whichever turn is trained; without the text the same turn trains its call.
     llama = make_tokenizer("llama")
-    with pytest.raises(UserError, match=r"Assistant turn 1 \(message 1\).*drops its text"):
-        encode_messages(llama, messages, chat_template=BUILTIN_TEMPLATES["llama-3"])
-    last = encode_messages(llama, messages, chat_template=BUILTIN_TEMPLATES["llama-3"], train_on="last_assistant")
-    assert trained_runs(llama, last) == ["Paris.<|eot_id|>"]
+    for train_on in ("all_assistant", "last_assistant"):
+        with pytest.raises(UserError, match=r"Message 1 \(assistant\).*writes only the tool calls.*drops its text"):
+            encode_messages(llama, messages, chat_template=BUILTIN_TEMPLATES["llama-3"], train_on=train_on)
+    no_text = [messages[0], {**messages[1], "content": ""}, *messages[2:]]
+    encoded = encode_messages(llama, no_text, chat_template=BUILTIN_TEMPLATES["llama-3"])
+    call = '{"name": "capital", "parameters": {"country": "France"}}'
+    assert trained_runs(llama, encoded) == [f"{call}<|eot_id|>", "Paris.<|eot_id|>"]
 
 
 def test_truncation_left_on_the_tokenizer_is_ignored():

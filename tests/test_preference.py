@@ -54,10 +54,13 @@ def dpo_lora_run(tmp_path_factory, torch_one_thread):
 
 
 def test_dpo_lora_raises_accuracy_and_margins_on_its_training_pairs(dpo_lora_run):
-    assert_preference_learnt(dpo_lora_run, accuracy=0.9)
+    # Final eval accuracy over training.seed 0-7 (transformers 5.24, trl 1.16; 2026-11-29): 0.81, 0.81, 0.91,
+    # 0.81, 0.88, 0.84, 0.97, 0.88, margins rising in every run. 0.7 keeps 0.11 (4 of 32 pairs) below the
+    # worst seed and is still far above chance (0.5) and the exact 0 of step 0. The old 0.9 held for a few seeds.
+    assert_preference_learnt(dpo_lora_run, accuracy=0.7)
     result = summary(dpo_lora_run)
     assert result["method"] == "dpo" and result["reference_model"] == "the model with its adapter disabled"
-    audit = json.loads((dpo_lora_run / "audit.json").read_text())
+    audit = json.loads((dpo_lora_run / "audit.json").read_text())["datasets"]
     assert audit[0]["rows"] == 32 and audit[-1]["rows_kept_by_trl"] == 32 and audit[-1]["truncated_rows"] == 0
 
 
@@ -106,7 +109,7 @@ def test_kto_on_unpaired_rows_trains(tmp_path, torch_one_thread):
     values = losses(run_dir)
     assert sum(values[-3:]) / 3 < 0.92 * sum(values[:3]) / 3, values
     assert series(run_dir, "rewards/margins")[-1] > 0.3
-    audit = json.loads((run_dir / "audit.json").read_text())[-1]
+    audit = json.loads((run_dir / "audit.json").read_text())["datasets"][-1]
     assert audit["desirable"] + audit["undesirable"] == 64 and audit["desirable"] > 20 and audit["undesirable"] > 20
 
 

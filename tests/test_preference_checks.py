@@ -103,7 +103,7 @@ def cases(tmp: Path) -> dict[str, tuple[dict, str]]:
         ("continue_adapter_full", recipe(model={"path": str(sft_run)}, adapter={"kind": "full"}),
          "adapter.kind: is 'full', but model.path"),
         ("merged_missing", recipe(model={"path": str(sft_run), "start_from": "merged"}),
-         "merged/config.json is missing; run `finetune merge"),
+         "merged holds no finished merge; run `finetune merge"),
         ("adapter_dir_as_model", recipe(model={"path": str(sft_run / "adapter")}),
          f"model.path: {sft_run / 'adapter'} is an adapter, not a model; point model.path at its run directory"),
         ("full_run_has_no_adapter", recipe(model={"path": str(full_run), "start_from": "adapter"}),
@@ -207,10 +207,10 @@ def test_progress_line_shows_reward_accuracy_and_margin():
 def test_data_preview_covers_orpo_pairs_and_refuses_unpaired_kto_rows(tmp_path):
     from tests.conftest import REPO, run_cli
 
-    orpo = run_cli("data", "preview", str(REPO / "recipes/tiny/orpo_lora.yaml"), "--n", "1", cwd=tmp_path)
+    orpo = run_cli("data", "preview", str(REPO / "recipes/tiny/orpo_lora.yaml"), "-n", "1", cwd=tmp_path)
     assert orpo.returncode == 0 and "Traceback" not in orpo.stderr, orpo.stderr[-2000:]
     assert "[[" in orpo.stdout  # the trained answer is marked
-    kto = run_cli("data", "preview", str(REPO / "recipes/tiny/kto_lora.yaml"), "--n", "1",
+    kto = run_cli("data", "preview", str(REPO / "recipes/tiny/kto_lora.yaml"), "-n", "1",
                   "--set", "model.path=builtin:tiny-llama", cwd=tmp_path)
     assert kto.returncode == 2 and "Traceback" not in kto.stderr
     assert "data.train[0]: format unpaired_preference (KTO rows) is not covered" in kto.stderr

@@ -18,8 +18,16 @@ def setup_commands() -> list[str]:
 def test_readme_opens_with_two_setup_commands():
     quickstart, tests = setup_commands()[:2]
     assert "finetune train recipes/tiny/sft_lora.yaml" in quickstart and "finetune merge" in quickstart
-    assert quickstart.index("torch==2.13.0") < quickstart.index("pip install -e .")
+    assert quickstart.index("torch==2.13.0") < quickstart.index("pip install -c constraints.txt -e .")
     assert "pytest" in tests
+
+
+def test_readme_commands_install_from_the_lock():
+    for command in setup_commands()[:2]:
+        installs = [part for part in command.split("&&") if "pip install" in part and "torch==" not in part]
+        assert installs and all("-c constraints.txt" in part for part in installs), command
+    locked = (REPO / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    assert "torch==2.13.0" in locked, "the lock names torch without a local label (+cpu), so CUDA builds satisfy it"
 
 
 def test_ci_runs_the_readme_test_command():

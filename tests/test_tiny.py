@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import tiny
-from finetune.errors import UserError
+from finetune.model import builtin, tiny
 
 torch.set_num_threads(1)
 
@@ -30,13 +29,6 @@ CONVERSATION = [
 def tokenizer():
     """One trained tokenizer for the whole module (training takes ~0.5 s)."""
     return tiny.build_tokenizer()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """A private FINETUNE_CACHE so tests never touch the user's cache."""
-    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def logits_of(model, tokenizer) -> torch.Tensor:
@@ -158,65 +150,9 @@ def test_build_does_not_disturb_global_rng():
     assert torch.equal(torch.rand(3), expected)
 
 
-V = tiny.BUILTIN_MODEL_VERSION
-
-
-@pytest.fixture
-def few_pretrain_steps(monkeypatch):
-    """The cache mechanics do not depend on how long the builtin model is pretrained."""
-    monkeypatch.setattr(tiny, "BUILTIN_PRETRAIN_STEPS", 2)
-
-
-def test_resolve_builtin_model_builds_once(cache, few_pretrain_steps):
-    path = tiny.resolve_model_path("builtin:tiny-llama")
-    assert Path(path) == cache / "models" / f"tiny-llama-{V}"
-    weights = Path(path) / "model.safetensors"
-    stamp = weights.stat().st_mtime_ns
-    assert tiny.resolve_model_path("builtin:tiny-llama") == path
-    assert weights.stat().st_mtime_ns == stamp
-    # No temporary build directories are left behind.
-    assert [p.name for p in (cache / "models").iterdir()] == [f"tiny-llama-{V}"]
-
-
-def test_resolve_keeps_the_build_that_finished_first(cache, monkeypatch, few_pretrain_steps):
-    """If another process puts the model in place during our build, ours is discarded."""
-    final = cache / "models" / f"tiny-qwen3-{V}"
-    real_build = tiny.build_tiny_model
-
-    def racing_build(out_dir, **kwargs):
-        real_build(out_dir, **kwargs)
-        final.mkdir(parents=True)
-        (final / "winner.txt").write_text("other process")
-
-    monkeypatch.setattr(tiny, "build_tiny_model", racing_build)
-    assert tiny.resolve_model_path("builtin:tiny-qwen3") == str(final)
-    assert [p.name for p in final.iterdir()] == ["winner.txt"]
-    assert [p.name for p in (cache / "models").iterdir()] == [f"tiny-qwen3-{V}"]
-
-
-def test_unknown_builtin_model_lists_choices(cache):
-    with pytest.raises(UserError, match="builtin:tiny-llama, builtin:tiny-qwen3"):
-        tiny.resolve_model_path("builtin:tiny-gpt")
-    assert not cache.exists()
-
-
-def test_non_builtin_specs_pass_through():
-    assert tiny.resolve_model_path("./my-model") == "./my-model"
-    assert tiny.resolve_model_path("org/name") == "org/name"
-    assert tiny.resolve_data_path("data/train.jsonl") == "data/train.jsonl"
-
-
-def test_resolve_builtin_data():
-    path = Path(tiny.resolve_data_path("builtin:sample_chat.jsonl"))
-    assert path.is_absolute() and path.is_file()
-    assert path == tiny.BUILTIN_DATA_DIR / "sample_chat.jsonl"
-    with pytest.raises(UserError, match="builtin:sample_chat.jsonl"):
-        tiny.resolve_data_path("builtin:nope.jsonl")
-
-
 def read_rows(name: str) -> list[dict]:
     """Parse one shipped JSONL file."""
-    path = tiny.BUILTIN_DATA_DIR / name
+    path = builtin.BUILTIN_DATA_DIR / name
     assert path.stat().st_size < 100_000
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -284,4 +220,4 @@ def test_shipped_data_matches_generator(tmp_path):
         pytest.skip("installed without the repository's scripts/")
     subprocess.run([sys.executable, str(script), "--out-dir", str(tmp_path)], check=True, capture_output=True)
     for name in tiny.TOKENIZER_CORPUS_FILES:
-        assert (tmp_path / name).read_bytes() == (tiny.BUILTIN_DATA_DIR / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (builtin.BUILTIN_DATA_DIR / name).read_bytes(), name

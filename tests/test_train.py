@@ -62,7 +62,7 @@ def test_sft_lora_trains_and_writes_the_run_directory(lora_run):
     for name in ("recipe.yaml", "audit.json", "metrics.jsonl", "summary.json",
                  "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/chat_template.jinja"):
         assert (lora_run / name).is_file(), name
-    audit = json.loads((lora_run / "audit.json").read_text())
+    audit = json.loads((lora_run / "audit.json").read_text())["datasets"]
     assert audit[0]["rows"] == 64 and 0 < audit[0]["trained_fraction"] < 1
     assert load_recipe(lora_run / "recipe.yaml").recipe.adapter.r == 8  # the resolved recipe reloads
 
@@ -82,7 +82,7 @@ def test_merge_matches_adapter_and_keeps_base_dtype(lora_run, tmp_path):
     provenance = json.loads((out / "provenance.json").read_text())  # the run's provenance travels with the merge
     assert provenance["merge"] == report and provenance["recipe"]["name"] == "lora"
     card = (out / "README.md").read_text()
-    assert "## Verification" in card and "`provenance.json`" in card
+    assert "## Merge check" in card and "`provenance.json`" in card
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.float32
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))
@@ -95,7 +95,7 @@ def test_merge_matches_adapter_and_keeps_base_dtype(lora_run, tmp_path):
         diff = (merged(ids).logits - adapted(ids).logits).abs().max().item()
     assert diff < 1e-4
     again = run_cli("merge", str(lora_run), "--out", str(out))
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already holds a merge; pass --overwrite" in again.stderr
 
 
 def test_existing_run_dir_is_not_overwritten(lora_run):

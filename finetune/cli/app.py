@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import get_args, get_origin
 
 import typer
 
@@ -25,7 +26,15 @@ app = typer.Typer(
 )
 
 
-SET_HELP = "Override a recipe value by key path, e.g. --set training.learning_rate=1e-4 (repeatable)."
+SET_HELP = (
+    "Override a recipe value by key path, e.g. --set training.learning_rate=1e-4 or "
+    "--set data.train[0].path=my.jsonl (repeatable; the value is read as YAML)."
+)
+
+
+def examples(*commands: str) -> str:
+    """A command's help epilog: example command lines, one per line."""
+    return "Examples:\n" + "\n".join(f"  {command}" for command in commands)
 
 
 def _version(value: bool) -> None:
@@ -66,13 +75,66 @@ def _bare_resume(argv: list[str]) -> list[str]:
     return out
 
 
+def tidy_help(command):
+    """Help screens without type noise: flags show no type, values a word (N, PATH, TEXT), arguments their name.
+
+    Typer labels every option with its Python type (`<bool>`, `<list[str]>`, `<int range>`); an explicit
+    metavar replaces that label, so each parameter without one gets a plain word here. Applies to every
+    command, including ones added later, so no command has to spell metavars.
+    """
+    for param in command.params:
+        if param.param_type_name == "argument":
+            param.metavar = param.metavar or param.name.upper()
+            param.display_type_rich = lambda ctx: None  # the name says what it is; Typer adds `<path>`
+        elif param.metavar is None:
+            annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+            param.metavar = "" if getattr(param, "is_flag", False) else _metavar(annotation)
+    make_help_option = command.get_help_option
+
+    def get_help_option(ctx):  # --help is made on demand, so it is tidied on demand
+        option = make_help_option(ctx)
+        if option is not None and option.metavar is None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = get_help_option
+    for sub in getattr(command, "commands", {}).values():
+        tidy_help(sub)
+    return command
+
+
+def _metavar(annotation) -> str:
+    if get_origin(annotation) is list:
+        (annotation,) = get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, Path):
+        return "PATH"
+    return {int: "N", float: "NUMBER"}.get(annotation, "TEXT")
+
+
 def main() -> None:
     """Console entry point: user errors print a message and exit 2, never a traceback."""
+    command = tidy_help(typer.main.get_command(app))
     try:
-        app(args=_bare_resume(sys.argv[1:]))  # standalone: click reports usage errors itself (exit 2) and exits
+        # standalone: click reports usage errors itself (exit 2) and exits
+        command(args=_bare_resume(sys.argv[1:]), prog_name="finetune")
     except UserError as exc:
         typer.echo(f"{getattr(exc, 'label', 'error')}: {exc.render()}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("interrupted (Ctrl-C)", err=True)
         sys.exit(130)
+    except SystemExit as exc:
+        # Typer turns a Ctrl-C inside a command into a silent exit 130; say what happened, in one line.
+        if exc.code == 130 and _caused_by_ctrl_c(exc):
+            typer.echo("interrupted (Ctrl-C)", err=True)
+        raise
+
+
+def _caused_by_ctrl_c(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

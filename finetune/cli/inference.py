@@ -7,21 +7,30 @@ from pathlib import Path
 
 import typer
 
-from finetune.cli.app import app
+from finetune.cli.app import app, examples
 
 ADAPTER_HELP = "Another LoRA adapter to load on the same base, as NAME=PATH (repeatable)."
+MAX_NEW_HELP = "Most tokens generated per reply."
+TOP_P_HELP = "Nucleus sampling: sample from the smallest set of tokens whose probability adds up to this (1: off)."
+BATCH_HELP = "Prompts (or rows) run together in one batch."
+TEMPERATURE_HELP = "Sampling temperature; 0: greedy (always the likeliest token)."
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "finetune chat runs/tiny-sft-lora",
+        "finetune chat runs/tiny-dpo-lora --adapter sft=runs/tiny-sft-lora --system 'Be brief.'",
+    )
+)
 def chat(
     source: str = typer.Argument(..., help="A run, model or adapter directory, or a model (builtin:tiny-llama)."),
-    adapters: list[str] = typer.Option([], "--adapter", help=ADAPTER_HELP),
+    adapters: list[str] = typer.Option([], "--adapter", metavar="NAME=PATH", help=ADAPTER_HELP),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help=MAX_NEW_HELP),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help=TEMPERATURE_HELP),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help=TOP_P_HELP),
 ) -> None:
-    """Chat in the terminal with streaming replies; /adapter NAME, /base, /reset, /quit."""
+    """Chat in the terminal with streaming replies; /help lists the commands (/adapter NAME, /base, /reset, /quit)."""
     from finetune.inference.load import Sampling, load, parse_adapter_flags, resolve_source
 
     extra = parse_adapter_flags(adapters)
@@ -35,19 +44,23 @@ def chat(
         stderr("")
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "finetune generate runs/tiny-sft-lora --prompts prompts.jsonl --out outputs.jsonl --base",
+    )
+)
 def generate(
     source: str = typer.Argument(..., help="A run, model or adapter directory, or a model (builtin:tiny-llama)."),
     prompts: Path = typer.Option(
         ..., "--prompts", help="JSONL: {\"prompt\": ...} or {\"messages\": [...]}, optional \"id\"."
     ),
     out: Path = typer.Option(..., "--out", help="JSONL to append to; outputs already there are skipped (resume)."),
-    adapters: list[str] = typer.Option([], "--adapter", help=ADAPTER_HELP),
+    adapters: list[str] = typer.Option([], "--adapter", metavar="NAME=PATH", help=ADAPTER_HELP),
     base: bool = typer.Option(False, "--base", help="Also generate with the base model (adapters off)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help=MAX_NEW_HELP),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help=TEMPERATURE_HELP),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help=TOP_P_HELP),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help=BATCH_HELP),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
 ) -> None:
     """Generate for every prompt with the model and each adapter, batched; rerun to resume."""
@@ -72,7 +85,13 @@ def generate(
     stderr(f"wrote {written} outputs to {out}")
 
 
-@app.command("eval")
+@app.command(
+    "eval",
+    epilog=examples(
+        "finetune eval runs/tiny-sft-lora --base",
+        "finetune eval runs/tiny-sft-lora --data held_out.jsonl --tasks qa.jsonl --out results.json",
+    ),
+)
 def eval_(
     source: str = typer.Argument(..., help="A run, model or adapter directory, or a model."),
     data: str | None = typer.Option(
@@ -82,13 +101,13 @@ def eval_(
         None, "--tasks", help="JSONL of {\"prompt\", \"answer\"} rows: exact match, contains, JSON validity."
     ),
     base: bool = typer.Option(False, "--base", help="Also evaluate the base model and print a before/after table."),
-    adapters: list[str] = typer.Option([], "--adapter", help=ADAPTER_HELP),
+    adapters: list[str] = typer.Option([], "--adapter", metavar="NAME=PATH", help=ADAPTER_HELP),
     lm_eval: str | None = typer.Option(
         None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (needs lm-eval)."
     ),
     max_rows: int | None = typer.Option(None, "--max-rows", min=1, help="Use only the first N rows of each file."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Most tokens generated per task answer."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help=BATCH_HELP),
     out: Path | None = typer.Option(None, "--out", help="Also write the results as JSON here."),
 ) -> None:
     """Loss, perplexity and task metrics; with --base, a before/after table."""

@@ -6,14 +6,19 @@ from pathlib import Path
 
 import typer
 
-from finetune.cli.app import SET_HELP, app
-from finetune.errors import UserError
+from finetune.cli.app import SET_HELP, app, examples
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "finetune train recipes/tiny/sft_lora.yaml",
+        "finetune train my.yaml --set training.max_steps=100 --set output.dir=runs/try2",
+        "finetune train my.yaml --resume",
+    )
+)
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Allow writing into an existing, non-empty run dir."
     ),
@@ -37,26 +42,24 @@ def train(
     import shlex
 
     from finetune.recipe import load_recipe
+    from finetune.train.interrupt import Stage, interruptible
 
-    loaded = load_recipe(recipe, overrides)
-    if loaded.recipe.distributed.strategy != "none":
-        if resume is not None:
-            raise UserError(
-                "--resume: resuming a multi-process run (distributed.strategy: "
-                f"{loaded.recipe.distributed.strategy}) is not supported yet; resume it with "
-                "--set distributed.strategy=none --force on one process, or start a new run"
-            )
-        from finetune.launch.launcher import launch_training
-
-        launch_training(loaded, overwrite=overwrite)  # re-launches through `accelerate launch`
-        return
+    with interruptible(Stage("reading the recipe", "nothing was written; run the same command again")):
+        loaded = load_recipe(recipe, overrides)
     from finetune.redact import redact
     from finetune.train.startup import skip_unused_packages
 
+    command = ["finetune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)), "--resume"]
+    if loaded.recipe.distributed.strategy != "none":
+        from finetune.launch.launcher import launch_training
+
+        # re-launches through `accelerate launch`; every process resumes the checkpoint the launcher picked
+        launch_training(loaded, overwrite=overwrite, resume=resume, force=force,
+                        resume_command=shlex.join(redact(command)))
+        return
     skip_unused_packages(loaded.recipe)  # before anything imports transformers: this process runs one recipe
     from finetune.train.run import run_training
 
-    command = ["finetune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)), "--resume"]
     run_training(
         loaded, overwrite=overwrite, resume=resume, force=force, resume_command=shlex.join(redact(command)),
         ignore_memory_plan=ignore_memory_plan,

@@ -1,10 +1,12 @@
 """Content-addressed cache of prepared datasets: `$FINETUNE_CACHE/data/<key>/`.
 
 The key hashes what the prepared rows depend on: the bytes of every data file (not their paths or
-modification times), the tokenizer's files as `save_pretrained` writes them, the chat template, the
-data section, max_length, the seed and the method. A change to any of them is a new key; nothing is
-ever invalidated in place. An entry is built in a temporary sibling and renamed into place, so a
-crash or a concurrent writer never leaves a half-written entry behind.
+modification times), the tokenizer's files as `save_pretrained` writes them, the versions of the code that
+tokenises and renders (tokenizers, transformers, finetune, and FORMAT_VERSION for our encoding), the chat
+template and the date it prints (if it prints one), the data section, max_length, the seed and the method.
+A change to any of them is a new key; nothing is ever invalidated in place. An entry is built in a
+temporary sibling and renamed into place, so a crash or a concurrent writer never leaves a half-written
+entry behind.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 from finetune import __version__
 
 # Bump when encoding, masking or the stored layout changes, so old entries are not reused.
-CACHE_FORMAT = 1
+# 2: masks read off the template's renders (finetune.data.turns), tool calls, end_of_turn in the audit.
+FORMAT_VERSION = 2
 # Settings that do not change the prepared rows: changing them must not re-tokenise.
 NOT_IN_KEY = {"num_proc", "min_trainable_fraction"}
 
@@ -54,11 +57,30 @@ def _tokenizer_file_bytes(path: Path) -> bytes:
     return json.dumps(state, sort_keys=True).encode()
 
 
-def cache_key(recipe, tokenizer, template: str | None, source_digests: dict[str, list[str]]) -> str:
-    """The key of a recipe's prepared data (see the module docstring for what goes in)."""
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that tokenise and render rows (a new release may split text differently)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("tokenizers", "transformers", "jinja2"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def cache_key(recipe, tokenizer, template: str | None, source_digests: dict[str, list[str]],
+              date: str | None = None) -> str:
+    """The key of a recipe's prepared data (see the module docstring for what goes in).
+
+    `date` is the day a template that prints one shows (None when it prints none).
+    """
     parts: dict[str, Any] = {
-        "cache_format": CACHE_FORMAT,
+        "format_version": FORMAT_VERSION,
         "finetune": __version__,
+        "libraries": library_versions(),
+        "template_date": date,
         "data": recipe.data.model_dump(mode="json", exclude=NOT_IN_KEY),
         "max_length": recipe.training.max_length,
         "seed": recipe.training.seed,

@@ -11,11 +11,14 @@ import json
 from typing import Any
 
 from finetune.data.formats import BadRow, to_canonical
-from finetune.data.sources import JSON_TEXT, WHERE
+from finetune.data.sources import JSON_TEXT, WHERE, parse_json_row
 from finetune.errors import UserError
 from finetune.recipe.schema import DatasetSpec
 
-STATS = ("source", "n_tokens", "n_trained", "truncated", "chunk", "bad", "detail")
+STATS = ("source", "n_tokens", "n_trained", "truncated", "chunk", "end_of_turn", "bad", "detail")
+# The reason of rows the chat template cannot train exactly: always an error, also with on_bad_row: skip
+# (skipping them would quietly train on another distribution; the message says how to fix the recipe).
+NOT_EXACT = "chat template cannot train it exactly"
 
 
 def sft_features():
@@ -32,6 +35,7 @@ def sft_features():
             "n_trained": datasets.Value("int32"),
             "truncated": datasets.Value("bool"),
             "chunk": datasets.Value("int32"),
+            "end_of_turn": datasets.Value("string"),  # what closes the trained turns; "" none; null: n/a
             "bad": datasets.Value("string"),
             "detail": datasets.Value("string"),
         }
@@ -53,9 +57,9 @@ def raw_rows(batch: dict[str, list], indices: list[int], label: str):
     if JSON_TEXT in batch:
         for where, text in zip(batch[WHERE], batch[JSON_TEXT], strict=True):
             try:
-                yield where, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield where, BadRow("malformed JSON", f"malformed JSON at column {exc.colno}: {exc.msg}")
+                yield where, parse_json_row(text)
+            except BadRow as bad:
+                yield where, bad
         return
     names = list(batch)
     for position, index in enumerate(indices):
@@ -72,31 +76,41 @@ def encode_sft_batch(
     template: str | None,
     train_on: str,
     max_length: int,
+    date: str | None = None,
 ) -> dict[str, list]:
-    """Encode a batch of raw rows into input_ids/labels (-100 = no loss) and per-row statistics."""
+    """Encode a batch of raw rows into input_ids/labels (-100 = no loss) and per-row statistics.
+
+    `date` is the day a chat template that prints one shows (data.template_date, or the day of preparation).
+    """
+    from finetune.data.masks import NotExact
+
     out: dict[str, list] = {name: [] for name in ("input_ids", "labels", *STATS)}
     for where, raw in raw_rows(batch, indices, label):
         try:
             if isinstance(raw, BadRow):
                 raise raw
-            ids, labels = encode_row(to_canonical(raw, spec), spec.format, tokenizer, template, train_on)
+            encoded = encode_row(to_canonical(raw, spec), spec.format, tokenizer, template, train_on, date)
         except BadRow as bad:
-            _add(out, [], [], where, 0, False, 0, bad.reason, bad.detail)
+            _add(out, [], [], where, bad=bad.reason, detail=bad.detail)
+            continue
+        except NotExact as exc:
+            _add(out, [], [], where, bad=NOT_EXACT, detail=exc.render())
             continue
         except UserError as exc:  # the template or the mask could not handle this row
-            _add(out, [], [], where, 0, False, 0, "cannot be encoded", exc.render())
+            _add(out, [], [], where, bad="cannot be encoded", detail=exc.render())
             continue
+        ids, labels, closing = encoded.input_ids, encoded.labels, encoded.end_of_turn
         if spec.format == "text":  # continued pretraining: split long texts, lose nothing
             for chunk, start in enumerate(range(0, len(ids), max_length)):
                 piece = labels[start : start + max_length]
-                _add(out, ids[start : start + max_length], piece, where, len(ids), False, chunk, "", "")
+                _add(out, ids[start : start + max_length], piece, where, len(ids), chunk=chunk)
             continue
         truncated = len(ids) > max_length
-        _add(out, ids[:max_length], labels[:max_length], where, len(ids), truncated, 0, "", "")
+        _add(out, ids[:max_length], labels[:max_length], where, len(ids), truncated, end_of_turn=closing)
     return out
 
 
-def _add(out, ids, labels, where, n_tokens, truncated, chunk, bad, detail) -> None:
+def _add(out, ids, labels, where, n_tokens=0, truncated=False, chunk=0, end_of_turn=None, bad="", detail="") -> None:
     out["input_ids"].append(ids)
     out["labels"].append(labels)
     out["source"].append(where)
@@ -104,23 +118,30 @@ def _add(out, ids, labels, where, n_tokens, truncated, chunk, bad, detail) -> No
     out["n_trained"].append(sum(label != -100 for label in labels))
     out["truncated"].append(truncated)
     out["chunk"].append(chunk)
+    out["end_of_turn"].append(end_of_turn)
     out["bad"].append(bad)
     out["detail"].append(detail)
 
 
-def encode_row(row: dict[str, Any], fmt: str, tokenizer, template: str | None, train_on: str):
-    """Token ids and labels of one canonical row (see formats.py)."""
-    from finetune.data.masks import encode_messages, encode_prompt_completion
+def encode_row(row: dict[str, Any], fmt: str, tokenizer, template: str | None, train_on: str,
+               date: str | None = None):
+    """The `Encoded` row (ids, labels, end_of_turn) of one canonical row (see formats.py)."""
+    from finetune.data.masks import Encoded, encode_messages, encode_prompt_completion
 
+    tools = row.get("tools")
     if "messages" in row:
         mode = "all_assistant" if train_on == "all" else train_on
-        encoded = encode_messages(tokenizer, row["messages"], chat_template=template, train_on=mode)
+        encoded = encode_messages(tokenizer, row["messages"], chat_template=template, train_on=mode, tools=tools,
+                                  date=date)
     elif fmt == "text":
         encoded = encode_prompt_completion(tokenizer, "", row["text"], chat_template=None)
+        encoded.end_of_turn = None  # continued pretraining has no turns
     else:
-        encoded = encode_prompt_completion(tokenizer, row["prompt"], row["completion"], chat_template=template)
+        encoded = encode_prompt_completion(tokenizer, row["prompt"], row["completion"], chat_template=template,
+                                           date=date)
     ids = list(encoded.input_ids)
-    return ids, (list(ids) if train_on == "all" else list(encoded.labels))
+    labels = list(ids) if train_on == "all" else list(encoded.labels)
+    return Encoded(ids, labels, encoded.end_of_turn)
 
 
 def check_preference_batch(

@@ -1,7 +1,7 @@
 """Row formats: turn one raw row (any supported shape, renamed columns) into its canonical form.
 
 Canonical forms, by format:
-  messages, sharegpt, alpaca -> {"messages": [{"role", "content"}, ...]}
+  messages, sharegpt, alpaca -> {"messages": [{"role", "content", ...}, ...]} (+ "tools": [...] when given)
   prompt_completion          -> {"prompt", "completion"} (two strings or two message lists)
   preference                 -> {"prompt", "chosen", "rejected"} (all strings or all message lists)
   text                       -> {"text"}
@@ -12,14 +12,14 @@ a detail that says how to fix it (shown next to the row's file and line).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from finetune.recipe.schema import FORMAT_FIELDS, DatasetSpec
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
-OPTIONAL_FIELDS = {"system", "input"}
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+                  "tool": "tool", "observation": "tool", "function_call": "assistant"}
+OPTIONAL_FIELDS = {"system", "input", "tools"}
 CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
 
 
@@ -54,14 +54,28 @@ def _field(raw: dict, field: str, spec: DatasetSpec) -> Any:
 
 
 def _messages(fields: dict, spec: DatasetSpec) -> dict:
-    return {"messages": _with_system(_chat(fields["messages"], "messages", spec), fields["system"])}
+    messages = _with_system(_chat(fields["messages"], "messages", spec), fields["system"])
+    return _with_tools({"messages": messages}, fields["tools"], spec)
 
 
 def _sharegpt(fields: dict, spec: DatasetSpec) -> dict:
     turns = _maybe_json(fields["conversations"])
     if isinstance(turns, list):
         turns = [_from_value(turn) for turn in turns]
-    return {"messages": _with_system(_chat(turns, "conversations", spec), fields["system"])}
+    messages = _with_system(_chat(turns, "conversations", spec), fields["system"])
+    return _with_tools({"messages": messages}, fields["tools"], spec)
+
+
+def _with_tools(row: dict, tools: Any, spec: DatasetSpec) -> dict:
+    """The row's tool schemas (OpenAI style), given to the chat template as `tools`."""
+    tools = _maybe_json(tools)
+    if tools is None or tools == [] or tools == "[]":
+        return row
+    column = spec.columns.get("tools", "tools")
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise BadRow("wrong type", f"'{column}' must be a list of tool schemas ({{type: function, function: {{name, "
+                                   "description, parameters}}}})")
+    return {**row, "tools": tools}
 
 
 def _from_value(turn: Any) -> Any:
@@ -135,41 +149,64 @@ CONVERTERS = {
 def _maybe_json(value: Any) -> Any:
     """Columns of CSV or Parquet files often hold a message list as JSON text: decode it."""
     if isinstance(value, str) and value.lstrip().startswith("[{"):
+        from finetune.data.sources import parse_json_row
+
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
+            return parse_json_row(value)
+        except BadRow as bad:
+            if bad.reason == "malformed JSON":
+                return value  # plain text that happens to start like JSON
+            raise
     return value
 
 
 def _chat(messages: Any, key: str, spec: DatasetSpec, *, need_assistant: bool = True) -> list[dict]:
-    """Check a list of messages and map its role names; return plain {role, content} dicts."""
+    """Check a list of messages and map its role names; return {role, content, ...} dicts."""
     messages = _maybe_json(messages)
     if not isinstance(messages, list) or not messages:
         raise BadRow("wrong type", f"'{key}' must be a non-empty list of {{role, content}} objects")
     known = {**(SHAREGPT_ROLES if spec.format == "sharegpt" else {r: r for r in ROLES}), **spec.roles}
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            fields = "'from' and 'value'" if spec.format == "sharegpt" else "'role' and 'content'"
-            raise BadRow("wrong type", f"{key}[{i}] must be an object with {fields}")
-        role = known.get(message["role"]) if isinstance(message["role"], str) else None
-        if role is None:
-            raise BadRow(
-                "unknown role",
-                f"{key}[{i}] has role {message['role']!r}; known roles: {', '.join(known)}. "
-                f"If it means one of {', '.join(ROLES)}, map it with roles: {{{message['role']}: assistant}}",
-            )
-        content = message["content"]
-        if not isinstance(content, str):
-            raise BadRow("wrong type", f"{key}[{i}].content must be a string, found {type(content).__name__}")
-        if role == "assistant" and not content.strip():
-            raise BadRow("empty assistant turn", f"{key}[{i}] is an empty assistant turn")
-        extra = {k: v for k, v in message.items() if k not in ("role", "content", "from", "value") and v is not None}
-        out.append({**extra, "role": role, "content": content})
+    out = [_message(message, f"{key}[{i}]", known, spec) for i, message in enumerate(messages)]
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise BadRow("no assistant turn", f"'{key}' has no assistant turn, so nothing would be trained")
     return out
+
+
+def _message(message: Any, where: str, known: dict[str, str], spec: DatasetSpec) -> dict:
+    """One checked message: a known role; text content, except an assistant turn that only calls tools."""
+    if not isinstance(message, dict) or "role" not in message or not ("content" in message or "tool_calls" in message):
+        fields = "'from' and 'value'" if spec.format == "sharegpt" else "'role' and 'content'"
+        raise BadRow("wrong type", f"{where} must be an object with {fields}")
+    role = known.get(message["role"]) if isinstance(message["role"], str) else None
+    if role is None:
+        raise BadRow(
+            "unknown role",
+            f"{where} has role {message['role']!r}; known roles: {', '.join(known)}. Map it to the role it plays "
+            f"with roles: {{{message['role']}: ROLE}}: tool for tool or function results (never trained), "
+            "assistant for the model's own replies (trained), user or system",
+        )
+    content, calls = message.get("content"), _tool_calls(message.get("tool_calls"), where)
+    if not isinstance(content, str) and not (content is None and calls):
+        raise BadRow("wrong type", f"{where}.content must be a string, found {type(content).__name__}")
+    if calls and role != "assistant":
+        raise BadRow("wrong type", f"{where} has tool_calls but role '{role}'; only assistant turns call tools")
+    if role == "assistant" and not (content or "").strip() and not calls:
+        raise BadRow("empty assistant turn", f"{where} is an empty assistant turn (no text, no tool_calls)")
+    extra = {k: v for k, v in message.items() if k not in ("role", "content", "from", "value") and v is not None}
+    return {**extra, "role": role, "content": content}
+
+
+def _tool_calls(calls: Any, where: str) -> list:
+    """An assistant turn's tool calls: [{type: function, function: {name, arguments}}] (or [{name, arguments}])."""
+    if calls is None:
+        return []
+    calls = _maybe_json(calls)
+    names = [(call.get("function") or call).get("name") if isinstance(call, dict) else None
+             for call in (calls if isinstance(calls, list) else [None])]
+    if not isinstance(calls, list) or not all(isinstance(name, str) and name for name in names):
+        raise BadRow("wrong type", f"{where}.tool_calls must be a list of {{type: function, function: {{name, "
+                                   "arguments}}}} objects, each with a function name")
+    return calls
 
 
 def _with_system(messages: list[dict], system: Any) -> list[dict]:

@@ -103,21 +103,18 @@ def check_local_preference_data(recipe: Recipe) -> None:
                 load_checked_rows(spec, f"data.{split}[{i}]")
 
 
-def build_preference_data(data: DataSection, kind: str, audit_path, log):
-    """Train and eval datasets for a preference method; audit.json gets the rows read per dataset.
+def build_preference_data(data: DataSection, kind: str, log):
+    """Train and eval datasets for a preference method, and the audit records (rows read per dataset).
 
     Token counts come later, from TRL's own tokenisation (finetune.train.preference.check_prepared).
     """
-    import json
-
     train_ds, audits = build_preference_split(data.train, "data.train", kind)
     eval_ds, eval_audits = build_preference_split(data.eval, "data.eval", kind) if data.eval else (None, [])
     records = []
     for a in audits + eval_audits:
         records.append({"dataset": a.name, "rows": a.rows, "kept": a.kept})
         log(f"data {a.name}: {a.kept}/{a.rows} rows")
-    audit_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
-    return train_ds, eval_ds
+    return train_ds, eval_ds, records
 
 
 def build_preference_split(specs: list[DatasetSpec], key: str, kind: str):

@@ -11,7 +11,13 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from finetune.data.encode import check_preference_batch, encode_sft_batch, preference_features, sft_features
+from finetune.data.encode import (
+    NOT_EXACT,
+    check_preference_batch,
+    encode_sft_batch,
+    preference_features,
+    sft_features,
+)
 from finetune.data.sources import Skipped, Source, read_source
 from finetune.errors import UserError
 from finetune.recipe.schema import DataSection, DatasetSpec
@@ -37,6 +43,9 @@ class Audit:
     length_p50: int = 0
     length_p95: int = 0
     length_max: int = 0
+    end_of_turn: list[str] = field(default_factory=list)  # what closes trained turns, as the template writes it
+    rows_without_end_of_turn: int = 0  # chat rows whose template writes nothing after a reply: no stop token
+    template_date: str | None = None  # the date a chat template that prints one showed
 
     @property
     def trained_fraction(self) -> float:
@@ -51,6 +60,12 @@ class Audit:
         entry["count"] += 1
         if len(entry["first"]) < MAX_REPORTED:
             entry["first"].append(where)
+
+    def set_end_of_turn(self, closings) -> None:
+        """Record what closes the trained turns of the kept chat rows (None: not a chat row)."""
+        seen = [c for c in closings if c is not None]
+        self.end_of_turn = sorted({c for c in seen if c})[:MAX_REPORTED]
+        self.rows_without_end_of_turn = sum(c == "" for c in seen)
 
     def set_lengths(self, lengths) -> None:
         import numpy as np
@@ -80,13 +95,17 @@ def encode_dataset(
     template: str | None,
     max_length: int,
     preference: bool,
+    date: str | None = None,
 ):
-    """Encode (SFT) or check (preference) one dataset; return its good rows and its audit."""
+    """Encode (SFT) or check (preference) one dataset; return its good rows and its audit.
+
+    `date`: the day a chat template that prints one shows (see finetune.data.render).
+    """
     import numpy as np
 
     audit = Audit(name=f"{key} {spec.path}")
     skipped: list[Skipped] = []
-    encoded = _map_sources(spec, key, sources, section, tokenizer, template, max_length, preference, skipped)
+    encoded = _map_sources(spec, key, sources, section, tokenizer, template, max_length, preference, skipped, date)
     stats = {name: encoded.data.column(name).to_numpy(zero_copy_only=False) for name in _stat_columns(preference)}
     first = stats["chunk"] == 0 if "chunk" in stats else np.ones(len(encoded), bool)  # one per input row
     bad = stats["bad"] != ""
@@ -118,6 +137,7 @@ def _count_tokens(encoded, stats, keep, first, audit: Audit, max_length: int):
     audit.truncated = int(stats["truncated"][keep].sum())
     audit.split_rows = int((keep & (stats["chunk"] == 1)).sum())
     audit.set_lengths(stats["n_tokens"][keep & first])
+    audit.set_end_of_turn(stats["end_of_turn"][keep & first])
     return keep
 
 
@@ -125,11 +145,11 @@ def _stat_columns(preference: bool) -> tuple[str, ...]:
     return (
         ("source", "bad", "detail")
         if preference
-        else ("source", "bad", "detail", "n_trained", "n_tokens", "truncated", "chunk")
+        else ("source", "bad", "detail", "n_trained", "n_tokens", "truncated", "chunk", "end_of_turn")
     )
 
 
-def _map_sources(spec, key, sources, section, tokenizer, template, max_length, preference, skipped):
+def _map_sources(spec, key, sources, section, tokenizer, template, max_length, preference, skipped, date=None):
     import datasets
 
     parts, remaining = [], spec.max_rows
@@ -146,7 +166,8 @@ def _map_sources(spec, key, sources, section, tokenizer, template, max_length, p
             function, features = check_preference_batch, preference_features()
         else:
             function, features = encode_sft_batch, sft_features()
-            kwargs.update(tokenizer=tokenizer, template=template, train_on=section.train_on, max_length=max_length)
+            kwargs.update(tokenizer=tokenizer, template=template, train_on=section.train_on, max_length=max_length,
+                          date=date)
         parts.append(
             raw.map(
                 function,
@@ -175,6 +196,14 @@ def _processes(section: DataSection, rows: int) -> int | None:
 
 
 def _refuse_bad_rows(skipped: list[Skipped], section: DataSection, key: str, spec: DatasetSpec) -> None:
+    inexact = [s for s in skipped if s.reason == NOT_EXACT]
+    if inexact:  # a recipe problem, not a bad row: skipping would quietly change what is trained
+        shown = [f"{s.where}: {s.detail}" for s in inexact[:MAX_REPORTED]]
+        raise UserError(
+            f"{key}: the chat template cannot train {len(inexact)} row(s) of {spec.path} exactly, so nothing was "
+            "trained (data.on_bad_row: skip does not skip these); each message says what to change",
+            problems=shown + ([f"... and {len(inexact) - MAX_REPORTED} more"] if len(inexact) > MAX_REPORTED else []),
+        )
     if not skipped or section.on_bad_row == "skip":
         return
     shown = [f"{s.where}: {s.detail}" for s in skipped[:MAX_REPORTED]]
@@ -201,6 +230,12 @@ def check_audits(audits: list[Audit], section: DataSection) -> list[str]:
         )
     warnings = []
     for audit in audits:
+        if audit.rows_without_end_of_turn:
+            warnings.append(
+                f"{audit.name}: the chat template writes nothing after an assistant reply in "
+                f"{audit.rows_without_end_of_turn} row(s), so no stop token is trained there and the fine-tuned "
+                "model may not stop; set data.chat_template to a template that ends each turn"
+            )
         if audit.tokens and audit.trained_fraction < section.min_trainable_fraction:
             warnings.append(
                 f"{audit.name}: only {audit.trained_fraction:.1%} of tokens are trained "

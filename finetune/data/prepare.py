@@ -8,7 +8,6 @@ prepares first and the others find the entry in the cache.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from finetune.data.cache import cache_key, entry_path, load_entry, store_entry
 from finetune.data.formats import CHAT_FORMATS
@@ -47,16 +46,17 @@ def prepare_datasets(recipe: Recipe, tokenizer, log):
     """
     data = recipe.data
     template = getattr(tokenizer, "chat_template", None) or None
+    date = template_date(recipe, template, log)
     specs = {f"data.train[{i}]": spec for i, spec in enumerate(data.train)}
     specs |= {f"data.eval[{i}]": spec for i, spec in enumerate(data.eval)}
     sources = {key: resolve_sources(spec, key) for key, spec in specs.items()}
-    key = cache_key(recipe, tokenizer, template, {k: [s.digest for s in v] for k, v in sources.items()})
+    key = cache_key(recipe, tokenizer, template, {k: [s.digest for s in v] for k, v in sources.items()}, date)
     entry = load_entry(key)
     if entry is not None:
         log(f"data: cache hit, nothing to tokenise ({entry_path(key)})")
     else:
         log(f"data: preparing {len(specs)} dataset(s); cache entry {entry_path(key)}")
-        train, evaluation, audits = _build(recipe, tokenizer, template, sources)
+        train, evaluation, audits = _build(recipe, tokenizer, template, sources, date)
         check_audits(audits, data)  # a dataset that trains nothing is not worth caching
         manifest = {"recipe": recipe.name, "sources": {k: [s.label for s in v] for k, v in sources.items()}}
         store_entry(key, train, evaluation, [a.to_record() for a in audits], manifest)
@@ -71,7 +71,22 @@ def prepare_datasets(recipe: Recipe, tokenizer, log):
     return train, evaluation, audits
 
 
-def _build(recipe: Recipe, tokenizer, template, sources):
+def template_date(recipe: Recipe, template: str | None, log) -> str | None:
+    """The date a chat template that prints today's date shows (data.template_date, else today), or None.
+
+    It goes into the cache key and the audit: a cached entry never holds another day's text unseen.
+    """
+    from finetune.data.render import renders_date, today
+
+    if template is None or not renders_date(template):
+        return None
+    date = recipe.data.template_date or today()
+    if recipe.data.template_date is None:
+        log(f"data: the chat template prints today's date; rows show {date} (set data.template_date to pin one)")
+    return date
+
+
+def _build(recipe: Recipe, tokenizer, template, sources, date: str | None = None):
     from finetune.data.mix import concatenate_and_shuffle, hold_out, resample
 
     data, seed = recipe.data, recipe.training.seed
@@ -82,12 +97,14 @@ def _build(recipe: Recipe, tokenizer, template, sources):
         template=template,
         max_length=recipe.training.max_length,
         preference=preference,
+        date=date,
     )
     train_parts, eval_parts, audits = [], [], []
     for split, specs in (("train", data.train), ("eval", data.eval)):
         for i, spec in enumerate(specs):
             key = f"data.{split}[{i}]"
             rows, audit = encode_dataset(spec, key, sources[key], **options)
+            audit.template_date = date
             if split == "train" and data.eval_fraction is not None:
                 rows, held = hold_out(rows, data.eval_fraction, seed, i)
                 audit.held_out = len(held)
@@ -132,8 +149,3 @@ def describe_audit(audit: Audit) -> str:
         + (f" ({dropped})" if dropped else "")
         + f", {audit.truncated} truncated{trained}{extra}"
     )
-
-
-def write_audit(audits: list[Audit], path: Path) -> None:
-    """audit.json of a run: one record per dataset."""
-    path.write_text(json.dumps([a.to_record() for a in audits], indent=2) + "\n", encoding="utf-8")

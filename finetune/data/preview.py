@@ -104,7 +104,8 @@ def audit_table(audits: list[Audit]):
     from rich.table import Table
 
     table = Table(title="label audit", title_justify="left")
-    for name in ("dataset", "rows", "kept", "dropped", "truncated", "tokens", "trained", "lengths p50/p95/max"):
+    for name in ("dataset", "rows", "kept", "dropped", "truncated", "tokens", "trained", "lengths p50/p95/max",
+                 "end of turn"):
         table.add_column(name, justify="left" if name == "dataset" else "right")
     for audit in audits:
         trained = f"{audit.trained_tokens} ({audit.trained_fraction:.1%})" if audit.tokens else "-"
@@ -117,8 +118,18 @@ def audit_table(audits: list[Audit]):
             str(audit.tokens) if audit.tokens else "-",
             trained,
             f"{audit.length_p50}/{audit.length_p95}/{audit.length_max}" if audit.tokens else "-",
+            _end_of_turn(audit),
         )
     return table
+
+
+def _end_of_turn(audit: Audit) -> str:
+    """What closes the trained turns; a template that writes nothing trains no stop token, which is said."""
+    shown = ", ".join(audit.end_of_turn) or "-"
+    if audit.rows_without_end_of_turn:
+        none = f"none in {audit.rows_without_end_of_turn} rows (no stop token)"
+        return none if shown == "-" else f"{shown}; {none}"
+    return shown
 
 
 def dropped_lines(audits: list[Audit]) -> list[str]:

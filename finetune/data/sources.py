@@ -5,6 +5,11 @@ a bad row is reported as "train.jsonl:57". JSONL, JSON, CSV and TXT are read by 
 reason (`datasets` reports a malformed line as an Arrow error without its line number); their rows
 are kept as JSON text and parsed inside the (multi-process) encoding map. Parquet and Hub datasets
 are read by `datasets`, and their rows are numbered from 1.
+
+Reading is strict and bounded: a line over MAX_ROW_BYTES, JSON nested deeper than MAX_ROW_DEPTH
+or holding a lone surrogate ("\\ud800", which no UTF-8 writer can store), a CSV row with more or
+fewer fields than its header, and an unclosed CSV quote are each reported with their file:line
+(bad rows obey data.on_bad_row; a file that cannot be read past a point is an error).
 """
 
 from __future__ import annotations
@@ -14,15 +19,22 @@ import glob
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.data.formats import BadRow
 from finetune.errors import UserError
 from finetune.recipe.schema import DatasetSpec
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 WHERE, JSON_TEXT = "__where__", "__json__"  # columns of a hand-read source
+# One row (a JSONL line, a CSV record, a text paragraph) of 16 MiB is millions of tokens, more than
+# any context window; a bigger one is a broken file, and reading it whole could exhaust memory.
+MAX_ROW_BYTES = 16 << 20
+MAX_ROW_DEPTH = 64  # chat rows nest 3-4 levels; deeper JSON is not a training row
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -91,11 +103,6 @@ def _supported(files: list[Path], key: str, empty: str) -> list[Path]:
     return kept
 
 
-def check_dataset_exists(spec: DatasetSpec, key: str) -> None:
-    """Fail before any model loads when a local dataset path is missing or holds no data file."""
-    local_files(spec, key)
-
-
 def resolve_sources(spec: DatasetSpec, key: str) -> list[Source]:
     """The sources of a dataset with content digests (Hub datasets are loaded to learn theirs)."""
     files = local_files(spec, key)
@@ -151,7 +158,7 @@ def read_source(source: Source, spec: DatasetSpec, skipped: list[Skipped]):
     elif path.suffix == ".txt":
         table = _hand_read(_txt_rows(path, label, spec, skipped))
     elif path.suffix == ".csv":
-        table = _hand_read(_csv_rows(path, label))
+        table = _hand_read(_csv_rows(path, label, skipped))
     else:
         table = _load_file(path, label)
     if len(table) == 0 and len(skipped) == before:
@@ -170,20 +177,42 @@ def _hand_read(rows: list[tuple[str, str]]):
     return datasets.Dataset.from_dict({WHERE: [w for w, _ in rows], JSON_TEXT: [t for _, t in rows]}, features=features)
 
 
+def _lines(handle, label: str, skipped: list[Skipped]):
+    """(line number, bytes) of a binary file, each at most MAX_ROW_BYTES; longer lines go to `skipped`."""
+    number = 0
+    while raw := handle.readline(MAX_ROW_BYTES + 1):
+        number += 1
+        if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+            while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass  # the rest of the oversized line, never held whole
+            skipped.append(Skipped(f"{label}:{number}", "row too large", _too_large()))
+            continue
+        yield number, raw
+
+
+def _too_large() -> str:
+    return (
+        f"the line is over {MAX_ROW_BYTES >> 20} MiB, more than any context window holds; split the text into "
+        "several rows (or is the file not line-delimited JSON?)"
+    )
+
+
 def _jsonl_rows(path: Path, label: str, limit: int | None, skipped: list[Skipped]) -> list[tuple[str, str]]:
     rows = []
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in _lines(handle, label, skipped):
             if limit is not None and len(rows) >= limit:
                 break
             where = f"{label}:{number}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 skipped.append(Skipped(where, "not valid UTF-8", _utf8_detail(exc)))
                 continue
             if text.strip():
                 rows.append((where, text))
+                if limit is not None and len(rows) >= limit:
+                    break
     return rows
 
 
@@ -198,50 +227,112 @@ def _json_rows(path: Path, label: str) -> list[tuple[str, str]]:
             f"{label}:{exc.lineno}: malformed JSON at column {exc.colno}: {exc.msg} "
             "(a broken .json file cannot be read past the error; JSONL files can skip bad lines)"
         ) from None
+    except RecursionError:
+        raise UserError(f"{label}:{_deep_line(text)}: {_too_deep()}") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
         raise UserError(f'{label}: expected a JSON list of row objects (or {{"data": [...]}})')
-    return [(f"{label} row {i + 1}", json.dumps(item, ensure_ascii=False)) for i, item in enumerate(value)]
+    # ASCII JSON text: a lone surrogate stays an escape here and is reported with its row when parsed
+    try:
+        return [(f"{label} row {i + 1}", json.dumps(item)) for i, item in enumerate(value)]
+    except RecursionError:
+        raise UserError(f"{label}: {_too_deep()}") from None
 
 
-def _txt_rows(path: Path, label: str, spec: DatasetSpec, skipped: list[Skipped]) -> list[tuple[str, str]]:
+def _txt_rows(
+    path: Path, label: str, spec: DatasetSpec, skipped: list[Skipped], limit: int | None = None
+) -> list[tuple[str, str]]:
     """One row per paragraph (lines up to a blank line), tagged with the paragraph's first line."""
     field = spec.columns.get("text", "text")
-    rows, lines, first = [], [], 0
+    rows, lines, first, size = [], [], 0, 0
+
+    def close() -> None:
+        if size > MAX_ROW_BYTES:
+            skipped.append(Skipped(f"{label}:{first}", "row too large", _too_large().replace("line", "paragraph", 1)))
+        else:
+            rows.append((f"{label}:{first}", json.dumps({field: "".join(lines).rstrip("\n")})))
+
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in _lines(handle, label, skipped):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 skipped.append(Skipped(f"{label}:{number}", "not valid UTF-8", _utf8_detail(exc)))
                 continue
             if line.strip():
                 first = first or number
-                lines.append(line)
-            elif lines:
-                rows.append((f"{label}:{first}", json.dumps({field: "".join(lines).rstrip("\n")})))
-                lines, first = [], 0
-    if lines:
-        rows.append((f"{label}:{first}", json.dumps({field: "".join(lines).rstrip("\n")})))
+                size += len(raw)
+                if size <= MAX_ROW_BYTES:
+                    lines.append(line)
+            elif lines or size:
+                close()
+                lines, first, size = [], 0, 0
+                if limit is not None and len(rows) >= limit:
+                    return rows
+    if lines or size:
+        close()
     return rows
 
 
-def _csv_rows(path: Path, label: str) -> list[tuple[str, str]]:
-    """CSV rows as strings, exactly as written (pandas would turn "2" into 2.0 and "NA" into null)."""
-    lines = io.StringIO(_read_utf8(path, label), newline="")
-    reader = csv.DictReader(lines)
-    rows, line = [], 2  # the header is line 1
-    for row in reader:
-        rows.append((f"{label}:{line}", json.dumps(row, ensure_ascii=False)))
-        line = reader.line_num + 1
-    return rows
+def _csv_rows(path: Path, label: str, skipped: list[Skipped], limit: int | None = None) -> list[tuple[str, str]]:
+    """CSV rows as strings, exactly as written (pandas would turn "2" into 2.0 and "NA" into null).
 
-
-def _read_utf8(path: Path, label: str) -> str:
-    data = path.read_bytes()
+    Strict: every row has exactly the header's fields, and a quote that is opened is closed.
+    A UTF-8 byte order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+    """
+    csv.field_size_limit(MAX_ROW_BYTES)  # the default (128 KiB) refuses long documents in a cell
+    text = _read_utf8(path, label, prefix=None if limit is None else 4 * MAX_ROW_BYTES)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[tuple[str, str]] = []
+    start = 1
     try:
-        return data.decode("utf-8")
+        header = next(reader, None)
+        if header is None:
+            return rows
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise UserError(f"{label}:1: the header names column(s) {repeated} more than once; rename them")
+        start = reader.line_num + 1
+        for record in reader:
+            where = f"{label}:{start}"
+            start = reader.line_num + 1
+            if not record:
+                continue  # a blank line
+            if len(record) != len(header):
+                more = len(record) > len(header)
+                detail = f"{len(record)} field(s), but the header has {len(header)}" + (
+                    "; a field holding a comma must be in double quotes" if more else ""
+                )
+                skipped.append(Skipped(where, "wrong number of fields", detail))
+                continue
+            rows.append((where, json.dumps(dict(zip(header, record, strict=True)))))
+            if limit is not None and len(rows) >= limit:
+                break
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise UserError(
+                f"{label}:{start}: a double quote opened in the row starting on this line is never closed; close "
+                'it, or write a quote inside a quoted field as two ("")'
+            ) from None
+        raise UserError(
+            f"{label}:{reader.line_num}: not a valid CSV line: {exc}; a field holding quotes must itself be in double "
+            'quotes, each quote inside it doubled ("")'
+        ) from None
+    return rows
+
+
+def _read_utf8(path: Path, label: str, prefix: int | None = None) -> str:
+    """The file's text (or its whole lines within the first `prefix` bytes); UserError naming the line if not UTF-8."""
+    if prefix is None:
+        data = path.read_bytes()
+    else:
+        with path.open("rb") as handle:
+            data = handle.read(prefix + 1)
+        if len(data) > prefix:
+            data = data[: data.rfind(b"\n", 0, prefix) + 1]
+    try:
+        return data.decode("utf-8-sig")  # a byte order mark (Excel, Notepad) is not text
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise UserError(f"{label}:{line}: {_utf8_detail(exc)} (the whole file must be UTF-8)") from None
@@ -270,6 +361,86 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def parse_json_row(text: str) -> Any:
+    """One row's JSON text as a value; BadRow when it is malformed, too deeply nested, or not valid Unicode."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRow("malformed JSON", f"malformed JSON at column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise BadRow("nested too deeply", _too_deep()) from None
+    check_row_value(value)
+    return value
+
+
+def check_row_value(value: Any) -> None:
+    """Raise BadRow if a parsed row nests deeper than MAX_ROW_DEPTH or holds a lone surrogate."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_ROW_DEPTH:
+            raise BadRow("nested too deeply", _too_deep())
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                code = ord(_SURROGATE.search(item).group())
+                raise BadRow(
+                    "not valid Unicode",
+                    f"holds a lone surrogate \\u{code:04x}, half of a UTF-16 pair, which is not text; fix the "
+                    "program that wrote the file (or remove the row)",
+                )
+        elif isinstance(item, dict):
+            stack += [(k, depth + 1) for k in item] + [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, list):
+            stack += [(v, depth + 1) for v in item]
+
+
+_JSON_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|[\[\]{}]')
+
+
+def _deep_line(text: str) -> int:
+    """The line where JSON text first nests deeper than a row may (for a file json.loads gave up on)."""
+    depth = 0
+    for token in _JSON_TOKEN.finditer(text):
+        mark = token.group()
+        depth += 1 if mark in "[{" else -1 if mark in "]}" else 0
+        if depth > MAX_ROW_DEPTH + 1:  # + the list of rows around them
+            return text.count("\n", 0, token.start()) + 1
+    return 1
+
+
+def _too_deep() -> str:
+    return f"JSON nested more than {MAX_ROW_DEPTH} levels deep; a training row is a few levels of objects and lists"
+
+
+def first_row(file: Path, spec: DatasetSpec, label: str) -> tuple[str | None, Any]:
+    """Where the first row of a local JSONL/JSON/CSV/TXT file is and its value, read as training reads it.
+
+    `finetune validate` checks this row only. Returns (None, None) for a file without rows; raises
+    UserError when the file cannot be read, BadRow (with `.where`) when its first row cannot.
+    """
+    skipped: list[Skipped] = []
+    if file.suffix == ".jsonl":
+        rows = _jsonl_rows(file, label, 1, skipped)
+    elif file.suffix == ".json":
+        rows = _json_rows(file, label)[:1]
+    elif file.suffix == ".csv":
+        rows = _csv_rows(file, label, skipped, limit=1)
+    else:
+        rows = _txt_rows(file, label, spec, skipped, limit=1)
+    if skipped:
+        bad = BadRow(skipped[0].reason, skipped[0].detail)
+        bad.where = skipped[0].where
+        raise bad
+    if not rows:
+        return None, None
+    where, text = rows[0]
+    try:
+        return where, parse_json_row(text)
+    except BadRow as bad:
+        bad.where = where
+        raise
+
+
 @dataclass(frozen=True)
 class Row:
     """One raw data row and where it came from ("file.jsonl:57", "org/name [train] row 3")."""
@@ -291,11 +462,9 @@ def read_rows(spec: DatasetSpec, key: str = "data") -> list[Row]:
         if WHERE in table.column_names:
             for item in table:
                 try:
-                    value = json.loads(item[JSON_TEXT])
-                except json.JSONDecodeError as exc:
-                    skipped.append(
-                        Skipped(item[WHERE], "malformed JSON", f"malformed JSON at column {exc.colno}: {exc.msg}")
-                    )
+                    value = parse_json_row(item[JSON_TEXT])
+                except BadRow as bad:
+                    skipped.append(Skipped(item[WHERE], bad.reason, bad.detail))
                     continue
                 if not isinstance(value, dict):
                     skipped.append(Skipped(item[WHERE], "not an object", "each row must be a JSON object"))

@@ -14,8 +14,8 @@ def check_lm_eval() -> None:
     """Fail before any model loads when the harness is not installed."""
     if importlib.util.find_spec("lm_eval") is None:
         raise UserError(
-            "--lm-eval: the lm-evaluation-harness is not installed; install it with: pip install 'finetune[eval]' "
-            "(its stock tasks download their datasets from the Hugging Face Hub)"
+            "--lm-eval: the lm-evaluation-harness is not installed; install it with: "
+            "pip install 'finetune-recipes[eval]' (its stock tasks download their datasets from the Hugging Face Hub)"
         )
 
 
@@ -52,7 +52,10 @@ def run_lm_eval(loaded, name: str, tasks: list[str], limit: int | None, batch_si
     model = loaded.model.get_base_model() if loaded.adapters else loaded.model
     harness = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=loaded.device)
     with loaded.use(name):
-        output = simple_evaluate(model=harness, tasks=names, limit=limit, task_manager=manager, log_samples=False)
+        try:
+            output = simple_evaluate(model=harness, tasks=names, limit=limit, task_manager=manager, log_samples=False)
+        except ConnectionError as exc:  # datasets' error when a task's dataset is neither cached nor reachable
+            raise UserError(offline_message(tasks, exc)) from None
     metrics = {}
     for task, values in output["results"].items():
         for key, value in values.items():
@@ -60,3 +63,20 @@ def run_lm_eval(loaded, name: str, tasks: list[str], limit: int | None, batch_si
             if measured and isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[f"{task}/{key.split(',')[0]}"] = float(value)
     return metrics
+
+
+def offline_message(tasks: list[str], exc: BaseException) -> str:
+    """One line for a harness task whose dataset the Hub cannot send (offline mode, or no network)."""
+    from finetune.recipe.inputs import hub_offline
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    why = (
+        "offline mode is on (HF_HUB_OFFLINE=1) and the dataset is not in the local cache"
+        if hub_offline()
+        else "the Hub cannot be reached"
+    )
+    return (
+        f"--lm-eval {','.join(tasks)}: the task downloads its dataset from the Hugging Face Hub, and {why} ({first}). "
+        "Run it once where there is a network (the dataset is then cached), or give a task YAML whose dataset is a "
+        "local file"
+    )

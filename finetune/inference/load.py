@@ -1,23 +1,24 @@
-"""Load a model for chat, generate and eval: one base in memory, any number of named LoRA adapters on it.
+"""Load a model for chat, generate and eval: one base in memory, any number of named adapters on it.
 
 A source is a run directory, a merged or full model directory, an adapter directory, or a model
-spec (local path, Hub id, builtin:tiny-llama). Adapters go on the base with PEFT's
-`load_adapter`, are switched with `set_adapter`, and are bypassed with `disable_adapter()`.
+spec (local path, Hub id, builtin:tiny-llama). Adapters of every kind PEFT runs (LoRA and its
+variants, AdaLoRA, IA³, prompt and prefix tuning) go on the base with PEFT's `load_adapter`, are
+switched with `set_adapter`, and are bypassed with `disable_adapter()`. PEFT holds several adapters
+on one base only when they are of one kind ("Cannot combine adapters with different peft types"),
+so a mix is refused before any weight loads.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from finetune.errors import UserError
 
 BASE = "base"  # the label of the base model (adapters disabled) in outputs and tables
+PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"}
 
 
 @dataclass
@@ -30,46 +31,31 @@ class Source:
     run_dir: Path | None = None
     recipe: object | None = None  # the run's Recipe, when the source is a run directory
     original_base: str | None = None  # for a merged or fully trained model: the model it started from
+    revision: str | None = None  # Hub revision of `base`
 
 
 def resolve_source(spec: str) -> Source:
-    """Work out what `spec` names (see the module docstring)."""
-    from finetune.model.builtin import resolve_model_path
+    """What `spec` names, as the base, tokenizer and named adapters to load (finetune.run.resolve decides).
 
-    path = Path(spec)
-    if (path / "recipe.yaml").is_file():
-        from finetune.recipe import recipe_from_dict
+    A run that continued an earlier run's adapter (start_from: adapter) holds that same adapter, trained
+    further: it goes alone on the true base. A run that started from an earlier run's merge has that
+    merge as its base.
+    """
+    from finetune.run.resolve import resolve
 
-        recipe_file = path / "recipe.yaml"
-        recipe = recipe_from_dict(yaml.safe_load(recipe_file.read_text(encoding="utf-8")), str(recipe_file))
-        base = resolve_model_path(recipe.model.path)
-        if recipe.adapter.kind == "full":
-            _require(path / "model" / "config.json", path)
-            return Source(str(path / "model"), str(path / "model"), [], path, recipe, original_base=base)
-        _require(path / "adapter" / "adapter_config.json", path)
+    found = resolve(spec)
+    recipe = found.recipe
+    if found.adapter is None:
+        return Source(found.weights, found.tokenizer, [], found.run.root if found.run else None, recipe,
+                      original_base=found.origin, revision=found.revision)
+    if found.kind == "run":
         name = adapter_name(recipe.name)
-        return Source(base, str(path / "adapter"), [(name, path / "adapter")], path, recipe)
-    if (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"{path}/adapter_config.json: base_model_name_or_path is not set; cannot find the base")
-        tokenizer_dir = str(path) if (path / "tokenizer_config.json").is_file() else base
-        return Source(base, tokenizer_dir, [(adapter_name(path.name), path)])
-    if (path / "config.json").is_file():
-        report = path / "merge_report.json"
-        original = json.loads(report.read_text(encoding="utf-8"))["base"] if report.is_file() else None
-        return Source(str(path), str(path), original_base=original)
-    if path.exists():
-        raise UserError(
-            f"{spec}: not a run, model or adapter directory (no recipe.yaml, config.json or adapter_config.json)"
-        )
-    resolved = resolve_model_path(spec)
-    return Source(resolved, resolved)
-
-
-def _require(file: Path, run_dir: Path) -> None:
-    if not file.is_file():
-        raise UserError(f"{run_dir}: no {file.relative_to(run_dir)}; did the run finish? (see {run_dir}/metrics.jsonl)")
+    elif found.kind == "checkpoint":
+        name = adapter_name(f"{recipe.name}-{found.adapter.name}")
+    else:
+        name = adapter_name(found.adapter.name)
+    return Source(found.weights, found.tokenizer, [(name, found.adapter)], found.run.root if found.run else None,
+                  recipe, revision=found.revision)
 
 
 def adapter_name(text: str) -> str:
@@ -86,17 +72,21 @@ def parse_adapter_flags(flags: list[str]) -> list[tuple[str, Path]]:
             raise UserError(f"--adapter: expected NAME=PATH, found {flag!r}")
         if adapter_name(name) != name or name == BASE:
             raise UserError(f"--adapter: {name!r} is not a usable name (letters, digits, - and _; not 'base')")
-        adapter_dir = Path(path)
-        if not (adapter_dir / "adapter_config.json").is_file():
-            if (adapter_dir / "adapter" / "adapter_config.json").is_file():
-                adapter_dir = adapter_dir / "adapter"  # a run directory
-            else:
-                raise UserError(f"--adapter {flag}: no adapter_config.json in {path}")
-        parsed.append((name, adapter_dir))
+        parsed.append((name, _adapter_dir(flag, path)))
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):
         raise UserError(f"--adapter: names must differ, found {', '.join(names)}")
     return parsed
+
+
+def _adapter_dir(flag: str, path: str) -> Path:
+    """The adapter directory an --adapter PATH names: an adapter, or a run (or checkpoint) holding one."""
+    from finetune.run.resolve import resolve
+
+    found = resolve(path, key=f"--adapter {flag}")
+    if found.adapter is None:
+        raise UserError(f"--adapter {flag}: {path} is a complete model ({found.kind}), not an adapter")
+    return found.adapter
 
 
 @dataclass
@@ -137,21 +127,37 @@ def load(source: Source, extra_adapters: list[tuple[str, Path]] = (), *, log=Non
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     try:
-        config = AutoConfig.from_pretrained(source.base)
+        config = AutoConfig.from_pretrained(source.base, revision=source.revision)
         tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
     except (OSError, ValueError) as exc:
+        from finetune.recipe.inputs import refuse_offline_hub
+
+        refuse_offline_hub(source.base, "the base model")
         raise UserError(f"{source.base}: cannot load the model: {str(exc).splitlines()[0]}") from None
+    kinds = {name: str(read_adapter_config(path).get("peft_type", "LORA")).upper() for name, path in adapters}
+    if len(set(kinds.values())) > 1:
+        found = ", ".join(f"{name} is {kind}" for name, kind in kinds.items())
+        raise UserError(
+            f"--adapter: PEFT keeps several adapters on one base only when they are of one kind ({found}); "
+            "load adapters of other kinds in a separate `finetune chat`/`generate`/`eval`"
+        )
     for name, path in adapters:
-        peft_type = str(read_adapter_config(path).get("peft_type", "LORA")).upper()
-        if peft_type != "LORA":
-            raise UserError(f"adapter {name} ({path}): only LoRA adapters can share one base; this is {peft_type}")
-        check_adapter_matches_base(path, config, source.base)
+        if kinds[name] in PROMPT_LEARNING:  # virtual tokens, no base module weights
+            width = read_adapter_config(path).get("token_dim")  # prefix tuning's is the key/value width instead
+            if kinds[name] == "PROMPT_TUNING" and width and width != config.hidden_size:
+                raise UserError(f"adapter {name} ({path}): its virtual tokens are {width} wide, the base "
+                                f"{source.base} is {config.hidden_size}; it was trained on another model")
+        else:
+            check_adapter_matches_base(path, config, source.base)
     if log:
         log(f"loading {source.base}" + (f" with adapters {', '.join(n for n, _ in adapters)}" if adapters else ""))
-    model = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype, revision=source.revision)
     if adapters:
         from peft import PeftModel
 
+        from finetune.model.vocab import fit_embeddings
+
+        fit_embeddings(model, tokenizer)  # tokens added in training: the adapter holds rows the base lacks
         (first, first_path), rest = adapters[0], adapters[1:]
         model = PeftModel.from_pretrained(model, first_path, adapter_name=first)
         for name, path in rest:
@@ -193,6 +199,21 @@ class Sampling:
         return {**args, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
+def stop_ids(loaded: Loaded) -> set[int]:
+    """Tokens that end a reply (eos, the template's end of turn in generation_config) or pad it."""
+    tokenizer, config = loaded.tokenizer, getattr(loaded.model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(eos if isinstance(eos, list) else [eos])}
+    return {i for i in ids if i is not None}
+
+
+def decode_reply(loaded: Loaded, ids: list[int]) -> str:
+    """The reply up to its first stop token, special tokens kept: a trained `<tool_call>` must reach the output."""
+    stops = stop_ids(loaded)
+    end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
+    return loaded.tokenizer.decode(ids[:end], skip_special_tokens=False).strip()
+
+
 def generate_texts(loaded: Loaded, texts: list[str], sampling: Sampling, streamer=None) -> list[str]:
     """Continue each text (a left-padded batch) and return only the new text of each."""
     import torch
@@ -202,4 +223,4 @@ def generate_texts(loaded: Loaded, texts: list[str], sampling: Sampling, streame
     with torch.no_grad():
         out = loaded.model.generate(**inputs, **sampling.kwargs(tokenizer), streamer=streamer)
     new = out[:, inputs["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return [decode_reply(loaded, row.tolist()) for row in new]

@@ -11,6 +11,7 @@ can wait for it and end with a plain message when a worker stops on bad input.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -30,13 +31,9 @@ from finetune.launch.configs import accelerate_config
 from finetune.launch.rules import Context, Machine, check_launch
 from finetune.logs import stderr
 from finetune.recipe import LoadedRecipe, Recipe
+from finetune.run.layout import RunDir
 
 WORKER_MODULE = "finetune.launch.worker"
-ACCELERATE_FILE = "accelerate_config.yaml"
-DEEPSPEED_FILE = "deepspeed.json"
-SCRIPT_FILE = "launch.sh"
-
-ERROR_FILE = "error.txt"  # a worker's UserError, for the launcher to repeat as its last word
 
 Runner = Callable[[list[str], dict[str, str]], int]
 
@@ -49,6 +46,7 @@ class LaunchPlan:
     env: dict[str, str]
     files: dict[Path, str] = field(default_factory=dict)
     summary: str = ""
+    warnings: list[str] = field(default_factory=list)  # what this machine lacks (launch-plan only)
 
     @property
     def command(self) -> str:
@@ -56,7 +54,8 @@ class LaunchPlan:
 
     def render(self) -> str:
         """The plan as `finetune launch-plan` prints it."""
-        lines = [f"# {self.summary}", "# environment: the current one, plus"]
+        lines = [f"# warning (this machine; the machines that run it may differ): {w}" for w in self.warnings]
+        lines += [f"# {self.summary}", "# environment: the current one, plus"]
         lines += [f"{key}={shlex.quote(value)}" for key, value in self.env.items()]
         lines += ["# command", self.command]
         for path, text in self.files.items():
@@ -64,43 +63,49 @@ class LaunchPlan:
         return "\n".join(lines) + "\n"
 
 
-def build_context(recipe: Recipe, machine: Machine | None = None) -> Context:
-    """Machine facts for a recipe; on a machine without GPUs also refuse bf16/fp16 here.
+def build_context(recipe: Recipe, machine: Machine | None = None, *, planning: bool = False) -> Context:
+    """Machine facts for a recipe; on a machine without GPUs also refuse bf16/fp16 here (not when planning).
 
     With GPUs the processes resolve precision themselves: asking whether a GPU supports bf16 would
     initialise CUDA in this process, which then held memory on GPU 0 for the whole run.
     """
     machine = machine or Machine.detect()
-    if machine.gpus == 0:
+    if machine.gpus == 0 and not planning:
         from finetune.model.load import resolve_precision
 
         resolve_precision(recipe)
     return Context(recipe, machine)
 
 
-def prepare_launch(loaded: LoadedRecipe, machine: Machine | None = None) -> LaunchPlan:
-    """Check everything that can be checked before a process starts, then plan the launch."""
-    from finetune.train.run import _preflight  # datasets exist, quantisation is installed
+def prepare_launch(loaded: LoadedRecipe, machine: Machine | None = None, *, planning: bool = False) -> LaunchPlan:
+    """Check everything that can be checked before a process starts, then plan the launch.
+
+    `planning` (launch-plan) plans for other machines too: what only this machine lacks (cores, GPUs,
+    packages) becomes a warning in the plan instead of a refusal.
+    """
+    from finetune.train.checks import check_recipe_inputs  # what validate checks, then model.path's chain
 
     recipe = loaded.recipe
-    _preflight(recipe)
-    ctx = build_context(recipe, machine)
-    check_launch(ctx, loaded.origins)
-    return plan_launch(ctx, Path(recipe.run_dir))
+    check_recipe_inputs(loaded)
+    ctx = build_context(recipe, machine, planning=planning)
+    warnings = check_launch(ctx, loaded.origins, planning=planning)
+    plan = plan_launch(ctx, Path(recipe.run_dir))
+    plan.warnings = warnings
+    return plan
 
 
 def plan_launch(ctx: Context, run_dir: Path) -> LaunchPlan:
     """The command and files of a launch that passed the rules (check_launch)."""
-    d, run_dir = ctx.d, run_dir.resolve()
+    d, run = ctx.d, RunDir(run_dir.resolve())
     assert ctx.processes is not None  # check_launch refuses an unresolvable `auto`
     ds = ctx.ds
-    ds_file = run_dir / DEEPSPEED_FILE if ds is not None else None
-    acc_file = run_dir / ACCELERATE_FILE
+    ds_file = run.deepspeed_config if ds is not None else None
+    acc_file = run.accelerate_config
     acc = accelerate_config(d, ctx.processes, ctx.named, ds_file, ctx.zero_stage)
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_file)]
     if d.rdzv_backend != "static":  # read from the command line only (see configs.recipe_owned_values)
         argv += ["--rdzv_backend", d.rdzv_backend]
-    argv += ["-m", WORKER_MODULE, str(run_dir / "recipe.yaml")]
+    argv += ["-m", WORKER_MODULE, str(run.recipe)]
     # one compute thread per process unless the user chose otherwise (torchrun does the same, with a warning)
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if d.strategy == "deepspeed" and ctx.machine.gpus == 0:
@@ -114,7 +119,7 @@ def plan_launch(ctx: Context, run_dir: Path) -> LaunchPlan:
     if ds_file is not None:
         files[ds_file] = json.dumps(ds, indent=2) + "\n"
     env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    files[run_dir / SCRIPT_FILE] = (
+    files[run.launch_script] = (
         "#!/usr/bin/env bash\n# The command `finetune train` ran for this run. Running it again trains again, "
         "writing into this directory.\n"
         f"cd {shlex.quote(os.getcwd())}\n{env_text} exec {shlex.join(argv)}\n"
@@ -133,17 +138,25 @@ _LAUNCHER_NOISE = re.compile(r"^([WEI]\d{4} \d\d:\d\d:\d\d|Traceback \(most rece
 
 
 def run_command(argv: list[str], env: dict[str, str], *, error_file: Path | None = None) -> int:
-    """Run the launcher in the foreground, pass its output on, and return its exit code.
+    """Run the launcher, pass its output on, and return its exit code (128 + signal after a signal).
 
-    Ctrl-C in a terminal reaches the launcher and this process alike; this one ignores it and waits
-    while the launcher stops its workers (killing the launcher instead would orphan them). SIGTERM,
-    as a job scheduler sends it, is passed on. When a worker stopped on bad input and said why in
-    `error_file`, the launcher's own logs and traceback about that exit are held back: the user gets
-    the message, not a traceback. A real crash still shows everything.
+    The launcher runs in its own session, so Ctrl-C in a terminal reaches this process only, and this
+    process passes SIGINT (and a scheduler's SIGTERM) to the training processes themselves: each then
+    saves a checkpoint at the step boundary all of them agree on (train.callbacks.StopOnSignal) and exits.
+    Signalling torch's launcher instead would make it pass the signal on a second time, which the workers
+    take for "stop at once, without a checkpoint". A second signal from the user is passed on the same way.
+    When a worker said why it stopped in `error_file` (bad input, or an interruption with the command that
+    resumes), the launcher's own logs and traceback about that exit are held back. A real crash still shows
+    everything.
     """
-    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
-    handlers = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: lambda *_: process.terminate()}
-    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        _signal_workers(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     held: list[str] = []
     try:
         for line in process.stderr:
@@ -157,51 +170,91 @@ def run_command(argv: list[str], env: dict[str, str], *, error_file: Path | None
             signal.signal(sig, handler)
     if held and not (code and error_file is not None and error_file.is_file()):
         sys.stderr.writelines(held)
-    return code
+    return 128 + received[0] if received and code else code
+
+
+def _signal_workers(launcher_pid: int, signum: int) -> None:
+    """Send a signal to the training processes under the launcher (not the launcher itself)."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in children or []:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signum)
 
 
 def launch_training(
-    loaded: LoadedRecipe, *, overwrite: bool = False, runner: Runner | None = None, log=None,
-    machine: Machine | None = None,
+    loaded: LoadedRecipe, *, overwrite: bool = False, resume: str | None = None, force: bool = False,
+    resume_command: str | None = None, runner: Runner | None = None, log=None, machine: Machine | None = None,
 ) -> Path:
     """Check the launch, write the resolved recipe and launch files into the run dir, then run it.
 
+    `resume` (a checkpoint, a run dir, or checkpoints.LATEST) is resolved here, once, so every process
+    resumes the same checkpoint; `force` resumes despite recipe or data changes (each process checks).
+    `resume_command` is what an interrupted run tells the user to type.
     `runner(argv, env) -> exit code` starts the command (default: run_command); tests pass a recorder.
     Everything that can be refused is refused before the run directory is created.
     """
     from finetune.redact import redact
-    from finetune.run.checkpoints import write_atomic
-    from finetune.run.lock import claim_run_dir
+    from finetune.run.checkpoints import resolve_resume, write_atomic
+    from finetune.run.lock import check_claimable, claim_run_dir
 
     log = log or stderr
     recipe = loaded.recipe
-    plan = prepare_launch(loaded, machine)
     run_dir = Path(recipe.run_dir)
-    lock = claim_run_dir(run_dir, overwrite=overwrite, resume=False)  # held until the workers end
+    resuming = resume is not None
+    check_claimable(run_dir, overwrite=overwrite, resume=resuming)  # before the machine (torch) is looked at
+    plan = prepare_launch(loaded, machine)
+    lock = claim_run_dir(run_dir, overwrite=overwrite, resume=resuming, log=log)  # held until the workers end
     try:
+        if resume is not None:
+            checkpoint = resolve_resume(resume, run_dir, log).resolve()
+            plan.argv += ["--resume", str(checkpoint)] + (["--force"] if force else [])
+        if resume_command:
+            plan.env["FINETUNE_RESUME_COMMAND"] = resume_command
         recipe_yaml = yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
-        write_atomic(run_dir / "recipe.yaml", recipe_yaml)
-        return _launch(plan, run_dir, runner, log)
+        write_atomic(RunDir(run_dir).recipe, recipe_yaml)
+        return _launch(plan, run_dir, runner, log, resume_command)
     finally:
         lock.release()
 
 
-def _launch(plan, run_dir: Path, runner, log) -> Path:
-    for name in (ACCELERATE_FILE, DEEPSPEED_FILE, SCRIPT_FILE, ERROR_FILE):  # an earlier run's (--overwrite)
-        (run_dir / name).unlink(missing_ok=True)
+def _stopped(run: RunDir, code: int, resume_command: str | None) -> str:
+    """What to say when the processes stopped on a signal without saying it themselves."""
+    from finetune.run.checkpoints import list_checkpoints
+
+    complete = list_checkpoints(run.checkpoints)[0]
+    saved = f"the latest complete checkpoint is {complete[-1]}" if complete else "no checkpoint was saved"
+    how = f"Resume with:\n  {resume_command}" if complete and resume_command else "start it again"
+    return f"{signal.Signals(code - 128).name}: training stopped; {saved}. {how}"
+
+
+def _launch(plan, run_dir: Path, runner, log, resume_command: str | None = None) -> Path:
+    from finetune.train.interrupt import RunInterrupted
+
+    run = RunDir(run_dir)
+    # an earlier run's (--overwrite clears them too; a bare `finetune train` never reaches here over a run)
+    for path in (run.accelerate_config, run.deepspeed_config, run.launch_script, run.launch_error):
+        path.unlink(missing_ok=True)
     for path, text in plan.files.items():
         path.write_text(text, encoding="utf-8")
-    error_file = run_dir / ERROR_FILE
+    error_file = run.launch_error
     log(f"run directory: {run_dir}  (resolved recipe, {', '.join(p.name for p in plan.files)})")
     log(f"launching {plan.summary}: {plan.command}")
     runner = runner or functools.partial(run_command, error_file=error_file)
     code = runner(plan.argv, {**os.environ, **plan.env})
     if code:
-        if error_file.is_file():  # a worker met bad input (a data row, a path) and said what
-            raise UserError(f"training stopped: {error_file.read_text(encoding='utf-8').strip()}")
+        said = error_file.read_text(encoding="utf-8").strip() if error_file.is_file() else ""
+        if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the user or a scheduler stopped the run
+            raise RunInterrupted(said or _stopped(run, code, resume_command), exit_code=code)
+        if said:  # a worker met bad input (a data row, a path) and said what
+            raise UserError(f"training stopped: {said}")
         raise LaunchFailed(
             f"the training processes failed (exit code {code}); their messages are above. "
-            f"The same launch again: bash {run_dir / SCRIPT_FILE}"
+            f"The same launch again: bash {run.launch_script}"
         )
     return run_dir
 
@@ -211,6 +264,7 @@ def describe_launch(loaded: LoadedRecipe, machine: Machine | None = None) -> str
     recipe = loaded.recipe
     if recipe.distributed.strategy == "none":
         return "# one process: `finetune train` trains in its own process; no launcher, no launch files\n"
-    plan = prepare_launch(loaded, machine)
-    note = f"# nothing started; `finetune train` writes {recipe.run_dir}/recipe.yaml and the files below, then runs"
+    plan = prepare_launch(loaded, machine, planning=True)
+    recipe_file = RunDir.at(recipe.run_dir).recipe
+    note = f"# nothing started; `finetune train` writes {recipe_file} and the files below, then runs"
     return note + "\n" + plan.render()

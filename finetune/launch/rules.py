@@ -146,12 +146,17 @@ class Context:
 
 @dataclass(frozen=True)
 class Rule:
-    """A refused combination: `broken(ctx)` says whether it applies; `reason` and `fix` are format strings."""
+    """A refused combination: `broken(ctx)` says whether it applies; `reason` and `fix` are format strings.
+
+    `local` rules are about the machine this command runs on (its GPUs, cores, packages): they refuse a
+    launch here, but only warn in `finetune launch-plan`, which may plan on a login node for other machines.
+    """
 
     key: str
     broken: Callable[[Context], bool]
     reason: str
     fix: str
+    local: bool = False
 
 
 ADAMW = ("adamw_torch", "adamw_torch_fused")
@@ -161,7 +166,8 @@ RULES = [
         "distributed.strategy",
         lambda c: c.d.strategy == "deepspeed" and not c.machine.deepspeed_installed,
         "strategy 'deepspeed' needs the deepspeed package, which is not installed",
-        "pip install 'finetune[deepspeed]'",
+        "pip install 'finetune-recipes[deepspeed]'",
+        local=True,
     ),
     Rule(
         "distributed.strategy",
@@ -169,6 +175,7 @@ RULES = [
         "FSDP through accelerate and the Trainer needs GPUs and this machine has none "
         "(on a CPU it falls back to plain DDP or fails)",
         "run on a GPU machine, or use strategy: ddp or deepspeed (both run on CPUs with gloo)",
+        local=True,
     ),
     Rule(
         "distributed.num_processes",
@@ -182,6 +189,7 @@ RULES = [
         "{c.processes} processes per machine, but {c.machine.gpus} GPU(s) are visible; processes sharing a GPU "
         "share its memory, and NCCL refuses two ranks on one device",
         "set num_processes to at most {c.machine.gpus} (or auto), or make more GPUs visible (CUDA_VISIBLE_DEVICES)",
+        local=True,
     ),
     Rule(
         "distributed.num_processes",
@@ -189,6 +197,7 @@ RULES = [
         "{c.processes} CPU processes, but this machine has {c.machine.cpus} core(s); each gloo process computes on "
         "one core, so more processes than cores only take turns and run slower",
         "set num_processes to at most {c.machine.cpus}",
+        local=True,
     ),
     Rule(
         "distributed.config",
@@ -233,6 +242,14 @@ RULES = [
         "named JSON)",
     ),
     Rule(
+        "adapter.kind",
+        lambda c: c.recipe.adapter.kind == "adalora" and c.d.strategy in ("deepspeed", "fsdp"),
+        "AdaLoRA's rank allocation and orthogonality penalty run outside {c.d.strategy}'s engine: they read whole "
+        "parameters and gradients, which ZeRO/FSDP hold as shards (empty on most processes under ZeRO-3), and add "
+        "a backward pass the engine does not reduce",
+        "use distributed.strategy: ddp for AdaLoRA, or adapter.kind: lora with {c.d.strategy}",
+    ),
+    Rule(
         "adapter.quant_storage",
         lambda c: c.recipe.adapter.kind == "qlora" and c.sharded_by is not None
         and c.recipe.adapter.quant_storage != c.recipe.model.dtype,
@@ -245,19 +262,23 @@ RULES = [
 ]
 
 
-def check_launch(ctx: Context, origins: dict | None = None) -> None:
-    """Raise one UserError listing every rule the run breaks; nothing has been started or written yet."""
+def check_launch(ctx: Context, origins: dict | None = None, *, planning: bool = False) -> list[str]:
+    """Raise one UserError listing every rule the run breaks; nothing has been started or written yet.
+
+    With `planning`, rules about this machine (Rule.local) are returned as warnings instead.
+    """
     from finetune.recipe.load import _origin
 
-    problems = []
+    problems, warnings = [], []
     for rule in RULES:
         if rule.broken(ctx):
             parts = tuple(rule.key.split("."))
             where = _origin(origins, parts) + ": " if origins else ""
             reason, fix = rule.reason.format(c=ctx), rule.fix.format(c=ctx)
-            problems.append(f"{where}{rule.key}: {reason}. Fix: {fix}")
+            (warnings if planning and rule.local else problems).append(f"{where}{rule.key}: {reason}. Fix: {fix}")
     if problems:
         raise UserError(
             f"{len(problems)} problem{'s' if len(problems) > 1 else ''} with this launch; nothing was started",
             problems=problems,
         )
+    return warnings

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from finetune.errors import UserError
 
 # What each prompt-learning method learns instead of weight changes (PEFT's peft_type -> words).
@@ -15,6 +13,11 @@ _NOT_WEIGHTS = {
     "P_TUNING": ("p-tuning", "virtual-token embeddings that are put before every input"),
 }
 _KINDS = {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING"}
+
+
+def mergeable(kind: str, init: str | None = None) -> bool:
+    """Whether a run with this adapter.kind (and adapter.init) has an adapter `finetune merge` can bake in."""
+    return kind != "full" and kind not in _KINDS and init != "loftq"
 
 
 def refuse_unmergeable(source: Path, adapter_dir: Path, *, kind: str | None = None, peft_type: str | None = None,
@@ -44,12 +47,3 @@ def refuse_unmergeable(source: Path, adapter_dir: Path, *, kind: str | None = No
             "would add that error a second time. Use the adapter on the 4-bit base (PeftModel.from_pretrained on the "
             "base loaded with the run's BitsAndBytesConfig), or train with init: default to get a mergeable adapter."
         )
-
-
-def init_of_run(adapter_dir: Path) -> str | None:
-    """adapter.init of the run an adapter directory sits in (its parent's recipe.yaml), if there is one."""
-    recipe = adapter_dir.parent / "recipe.yaml"
-    if not recipe.is_file():
-        return None
-    adapter = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("adapter") or {}
-    return adapter.get("init") if isinstance(adapter, dict) else None

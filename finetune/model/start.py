@@ -11,15 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from finetune.errors import UserError
 from finetune.recipe.schema import LoraFields, Recipe
+from finetune.run.layout import ADAPTER_CONFIG, RunDir
 
 # Adapter settings baked into the saved adapter's shape and scale: a recipe that continues an adapter
 # cannot change them (dropout is a training-time setting and may differ).
 FIXED_ADAPTER_FIELDS = ("r", "alpha", "target_modules", "use_dora", "use_rslora", "modules_to_save")
-MAX_DEPTH = 16  # runs started from runs started from ...; deeper means a cycle
 
 
 @dataclass(frozen=True)
@@ -31,100 +29,59 @@ class Start:
     tokenizer: str  # where the tokenizer and its chat template come from
     adapter: Path | None = None  # adapter directory to continue training
     run: Path | None = None  # the earlier run, when model.path names one
-
-
-def is_run_dir(path: str) -> bool:
-    """Whether `path` is the directory of an earlier `finetune train` run."""
-    return (Path(path) / "recipe.yaml").is_file()
+    start_from: str | None = None  # adapter, merged or model when model.path names an earlier run
+    merged_from_sha256: str | None = None  # start_from merged: the adapter sha256 its merge report records
 
 
 def resolve_start(recipe: Recipe) -> Start:
-    """Resolve model.path and model.start_from; raise UserError (before any model loads) when they do not fit."""
-    return _resolve(recipe, key="model", depth=0, current=True)
+    """Resolve model.path and model.start_from; raise UserError (before any model loads) when they do not fit.
 
-
-def adapter_base(recipe: Recipe) -> Start:
-    """The weights the adapter of a finished run with this recipe sits on (for `finetune merge`)."""
-    return _resolve(recipe, key="model", depth=0, current=False)
-
-
-def _resolve(recipe: Recipe, *, key: str, depth: int, current: bool) -> Start:
-    from finetune.model.builtin import resolve_model_path
+    What the path names is `finetune.run.resolve.start_of`'s answer; this adds the rules for a recipe
+    about to train: an adapter directory is not a model, an earlier run's revision is its own, and a
+    continued adapter keeps its shape.
+    """
+    from finetune.run.resolve import start_of
 
     model = recipe.model
-    if not is_run_dir(model.path):
-        _refuse_adapter_dir(model.path, key)
-        if model.start_from != "auto":
-            found = "does not exist" if not Path(model.path).exists() else "has no recipe.yaml"
-            raise UserError(
-                f"{key}.start_from: is '{model.start_from}', so {key}.path must be the directory of an earlier "
-                f"`finetune train` run, but {model.path} {found}; train that run first (or fix the path, or "
-                "remove start_from to use model.path as a base model)"
-            )
-        path = resolve_model_path(model.path)
-        return Start(path, model.revision, tokenizer=path)
-    if depth >= MAX_DEPTH:
-        raise UserError(f"{key}.path: runs started from runs more than {MAX_DEPTH} deep; is there a cycle?")
-    run = Path(model.path)
-    if current and model.revision is not None:
+    run = RunDir.at(model.path)
+    if not run.exists():
+        _refuse_adapter_dir(model.path, "model")
+    elif model.revision is not None:
         raise UserError(
-            f"{key}.revision: {model.path} is an earlier run, whose base and revision come from its recipe; "
+            f"model.revision: {model.path} is an earlier run, whose base and revision come from its recipe; "
             "remove model.revision"
         )
-    earlier = _read_run_recipe(run)
-    trained = earlier.adapter.kind
-    choice = model.start_from if model.start_from != "auto" else ("model" if trained == "full" else "adapter")
-    if trained == "full":
-        if choice != "model":
-            raise UserError(
-                f"{key}.start_from: is '{choice}', but {run} trained the full model (adapter.kind: full): it has no "
-                f"adapter and nothing to merge; remove start_from to start from {run / 'model'}"
-            )
-        return _output_dir(run / "model", run, "config.json")
-    if choice == "merged":
-        return _output_dir(run / "merged", run, "config.json", hint=f"run `finetune merge {run}` first")
-    _require(run / "adapter" / "adapter_config.json", run, f"did the run finish? (see {run / 'metrics.jsonl'})")
-    if current:
-        _check_continuation(recipe, earlier, run, key)
-    base = _resolve(earlier, key=f"{run / 'recipe.yaml'}: model", depth=depth + 1, current=False)
-    return Start(base.base, base.revision, tokenizer=str(run / "adapter"), adapter=run / "adapter", run=run)
+    found = start_of(model, key="model")
+    if found.adapter is not None and found.run is not None:
+        _check_continuation(recipe, found.recipe, found.run.root, "model")
+    report = None
+    if found.merged is not None:
+        from finetune.run.records import read_merge_report
+
+        report = read_merge_report(found.merged)
+    return Start(
+        found.weights, found.revision, tokenizer=found.tokenizer, adapter=found.adapter,
+        run=found.run.root if found.run is not None and run.exists() else None,
+        start_from=_start_from(found) if run.exists() else None,
+        merged_from_sha256=report.adapter_sha256 if report is not None else None,
+    )
 
 
-def _output_dir(path: Path, run: Path, marker: str, hint: str = "") -> Start:
-    _require(path / marker, run, hint or f"did the run finish? (see {run / 'metrics.jsonl'})")
-    # trust_remote_code is not inherited: running a model's code needs this recipe's own opt-in.
-    return Start(str(path), None, tokenizer=str(path), run=run)
-
-
-def _require(path: Path, run: Path, hint: str) -> None:
-    if not path.is_file():
-        raise UserError(f"model.path: {run} is a run directory but {path} is missing; {hint}")
+def _start_from(found) -> str:
+    return "merged" if found.merged is not None else "adapter" if found.adapter is not None else "model"
 
 
 def _refuse_adapter_dir(path: str, key: str) -> None:
     adapter = Path(path)
-    if (adapter / "adapter_config.json").is_file():
+    if (adapter / ADAPTER_CONFIG).is_file():
         run_hint = (
             f"point {key}.path at its run directory {adapter.parent}"
-            if is_run_dir(str(adapter.parent))
+            if RunDir(adapter.parent).exists()
             else "merge it into its base first (finetune merge DIR) and point model.path at the result"
         )
         raise UserError(
             f"{key}.path: {path} is an adapter, not a model; {run_hint} (start_from: adapter keeps training it)"
         )
-
-
-def _read_run_recipe(run: Path) -> Recipe:
-    from finetune.recipe import recipe_from_dict
-
-    path = run / "recipe.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not a readable run recipe: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a run recipe written by `finetune train`")
-    return recipe_from_dict(data, str(path))
 
 
 def _check_continuation(recipe: Recipe, earlier: Recipe, run: Path, key: str) -> None:
@@ -137,7 +94,7 @@ def _check_continuation(recipe: Recipe, earlier: Recipe, run: Path, key: str) ->
         )
     before = earlier.adapter
     differ = [
-        f"adapter.{name}: {getattr(adapter, name)!r} here, {getattr(before, name)!r} in {run / 'recipe.yaml'}"
+        f"adapter.{name}: {getattr(adapter, name)!r} here, {getattr(before, name)!r} in {RunDir(run).recipe}"
         for name in FIXED_ADAPTER_FIELDS
         if getattr(adapter, name) != getattr(before, name)
     ]

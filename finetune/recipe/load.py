@@ -65,6 +65,125 @@ def _default_name(path: Path) -> str:
 
 # --- reading YAML with line numbers -------------------------------------------------------------
 
+# A recipe is a page of settings: these bounds are far above any real one and keep a hostile or
+# corrupt file (a binary, a generated monster) from costing more than a moment.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 32  # the deepest real key path is ~6 levels
+MAX_VALUES = 10_000  # keys and values after aliases are expanded; a full recipe has a few hundred
+# Characters YAML itself refuses (its "printable" set, YAML 1.1 5.1), found before PyYAML's reader
+# trips on them with a message that names no line.
+_NON_PRINTABLE = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_KEY_TAGS = ("tag:yaml.org,2002:str",)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounds: nesting depth, and the size the document has once aliases expand.
+
+    Aliases (`*name`, and merge keys `<<: *name`) are fine in moderation (PyYAML itself writes them for
+    repeated values), but a "billion laughs" file of nested aliases expands to gigabytes when anything
+    walks it, and an alias inside its own anchor makes a cycle. Both are refused before construction.
+    """
+
+    def __init__(self, text: str, where: str, lines: bool):
+        super().__init__(text)
+        self.where, self.lines, self.depth = where, lines, 0
+        self.first_alias = None
+        self.merged: set[int] = set()  # key nodes a merge key (<<) brought in: keys written later override them
+
+    def _at(self, mark) -> str:
+        return self.where + (_line(mark) if self.lines else "")
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent) and self.first_alias is None:
+            self.first_alias = self.peek_event()
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise UserError(f"{self._at(self.peek_event().start_mark)}: {_TOO_DEEP}")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and self.first_alias is not None:
+            _Expansion(self).measure(node, 1)
+        return node
+
+    def flatten_mapping(self, node):
+        before = {id(key) for key, _ in node.value}
+        super().flatten_mapping(node)
+        self.merged |= {id(key) for key, _ in node.value if id(key) not in before}
+
+
+_TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep; a recipe is a few levels of sections and keys (is it a recipe?)"
+
+
+class _Expansion:
+    """Size and depth of a node tree with every alias expanded, computed once per node (aliases share nodes)."""
+
+    def __init__(self, loader: _RecipeLoader):
+        self.loader, self.sizes, self.open = loader, {}, set()
+
+    def measure(self, node: yaml.Node, depth: int) -> tuple[int, int]:
+        """(values, levels) under `node`; raises UserError past MAX_VALUES or MAX_DEPTH, or on a cycle."""
+        alias = self.loader.first_alias
+        where = self.loader._at(alias.start_mark)
+        if id(node) in self.open:
+            raise UserError(f"{where}: the YAML alias *{alias.anchor} (or another) sits inside the value it names, "
+                            "which never ends; write the value out")
+        if id(node) not in self.sizes:
+            self.open.add(id(node))
+            children = node.value if isinstance(node, yaml.SequenceNode) else (
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+            measured = [self.measure(child, depth + 1) for child in children]
+            self.open.discard(id(node))
+            self.sizes[id(node)] = (1 + sum(n for n, _ in measured), 1 + max((d for _, d in measured), default=0))
+        values, levels = self.sizes[id(node)]
+        if values > MAX_VALUES:
+            raise UserError(f"{where}: YAML aliases (*{alias.anchor} and others) expand this to more than "
+                            f"{MAX_VALUES:,} values, far more than a recipe holds (a 'billion laughs' file?); write "
+                            "the values out, or share settings between recipes with `base: other.yaml`")
+        if depth + levels - 1 > MAX_DEPTH:
+            raise UserError(f"{where}: through YAML aliases, {_TOO_DEEP}")
+        return values, levels
+
+
+def _line(mark) -> str:
+    return f":{mark.line + 1}" if mark is not None else ""
+
+
+def parse_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None, set[int]]:
+    """Parse one YAML document (a recipe, or a --set value) with the recipe loader's bounds.
+
+    Returns the value, its node tree (for line numbers) and the ids of key nodes a merge key brought
+    in. `where` prefixes every message: "recipe.yaml" (a line number is added) or "--set KEY=VALUE".
+    """
+    bad = _NON_PRINTABLE.search(text)
+    if bad:
+        line = text.count("\n", 0, bad.start()) + 1
+        column = bad.start() - (text.rfind("\n", 0, bad.start()) + 1) + 1
+        raise UserError(
+            f"{where}{'' if where.startswith('--set') else f':{line}'}: control character "
+            f"U+{ord(bad.group()):04X} at column {column}; a recipe is plain text: remove it "
+            "(or write it as an escape inside double quotes, e.g. \"\\t\")"
+        )
+    in_file = not where.startswith("--set")
+    loader = _RecipeLoader(text, where, lines=in_file)
+    try:
+        node = loader.get_single_node()
+        return (loader.construct_document(node) if node is not None else None), node, loader.merged
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        if not in_file:  # not YAML (e.g. a Jinja template): the text itself is the value
+            return text, None, set()
+        raise UserError(
+            f"{where}{_line(mark)}: YAML syntax error: {problem}. Fix the indentation or quoting there."
+        ) from None
+    finally:
+        loader.dispose()
+
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, str]]:
     if not path.is_file():
@@ -72,20 +191,21 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, str]]:
         raise UserError(
             f"{path}: cannot read the recipe: {hint}. Check the path (try `finetune init {path}`)."
         )
-    text = path.read_text(encoding="utf-8", errors="replace")
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
         raise UserError(
-            f"{where}: YAML syntax error: {problem}. Fix the indentation or quoting there."
+            f"{path}: {size:,} bytes is too large for a recipe (the limit is {MAX_RECIPE_BYTES:,}); is it a data "
+            "file? Data files are named in data.train[].path, not given as the recipe"
+        )
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}:{line}: not valid UTF-8 (byte {exc.start + 1} of the file); re-save the recipe as UTF-8"
         ) from None
-    finally:
-        loader.dispose()
+    data, node, merged = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -95,28 +215,38 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, str]]:
         )
     origins: dict[KeyPath, str] = {(): f"{path}:1"}
     if node is not None:
-        _collect_lines(node, (), path, origins)
+        _collect_lines(node, (), path, origins, merged)
     return data, origins
 
 
-def _collect_lines(node: yaml.Node, prefix: KeyPath, path: Path, out: dict[KeyPath, str]) -> None:
+def _collect_lines(
+    node: yaml.Node, prefix: KeyPath, path: Path, out: dict[KeyPath, str], merged: set[int] = frozenset()
+) -> None:
+    """Record the line of every key path (aliases followed; bounded by the loader) and refuse repeated keys."""
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
+        seen_nodes: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
-            key = key_node.value
             line = key_node.start_mark.line + 1
-            if key in seen:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _KEY_TAGS:
+                shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else "a list or mapping"
+                raise UserError(
+                    f"{path}:{line}: {dotted_path(prefix) or '(top level)'}: key {shown!r} is not a name "
+                    "(YAML reads it as a number, boolean, null or collection); quote it, e.g. \"yes\":"
+                )
+            key = key_node.value
+            if key in seen and id(key_node) not in merged and id(seen_nodes[key]) not in merged:
                 raise UserError(
                     f"{path}:{line}: key '{dotted_path(prefix + (key,))}' is set twice "
                     f"(first on line {seen[key]}); keep one"
                 )
-            seen[key] = line
+            seen[key], seen_nodes[key] = line, key_node
             out[prefix + (key,)] = f"{path}:{line}"
-            _collect_lines(value_node, prefix + (key,), path, out)
+            _collect_lines(value_node, prefix + (key,), path, out, merged)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[prefix + (i,)] = f"{path}:{item.start_mark.line + 1}"
-            _collect_lines(item, prefix + (i,), path, out)
+            _collect_lines(item, prefix + (i,), path, out, merged)
 
 
 def _read_with_bases(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dict[KeyPath, str]]:
@@ -161,34 +291,83 @@ def _merge(base: Any, top: Any) -> Any:
 # --- overrides and interpolation ----------------------------------------------------------------
 
 
+MAX_OVERRIDE_CHARS = 65536
+_KEY_PATH = re.compile(r"[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*|\.\d+|\[\d+\])*")
+_KEY_PART = re.compile(r"[A-Za-z_][\w-]*|\d+")
+
+
+def parse_key_path(key: str) -> KeyPath | None:
+    """`data.train[0].path` (or `data.train.0.path`) as a key path; None if it is not one."""
+    if not _KEY_PATH.fullmatch(key):
+        return None
+    return tuple(int(p) if p.isdigit() else p for p in _KEY_PART.findall(key))
+
+
 def _apply_override(
     data: dict[str, Any], origins: dict[KeyPath, str], item: str
 ) -> tuple[dict[str, Any], dict[KeyPath, str]]:
-    where = f"--set {item}"
+    where = f"--set {item}" if len(item) <= 200 else f"--set {item[:200]}..."
     key, sep, raw = item.partition("=")
     key = key.strip()
-    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w-]*(\.([A-Za-z_][\w-]*|\d+))*", key):
-        raise UserError(f"{where}: expected KEY.PATH=VALUE, e.g. --set training.learning_rate=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    parts = parse_key_path(key) if sep else None
+    if parts is None:
+        raise UserError(
+            f"{where}: expected KEY.PATH=VALUE, e.g. --set training.learning_rate=1e-4 or "
+            "--set data.train[0].path=train.jsonl"
+        )
+    if len(raw) > MAX_OVERRIDE_CHARS:
+        raise UserError(f"{where}: the value is {len(raw):,} characters long; put long values in the recipe file")
+    value = parse_yaml(raw, where)[0] if raw.strip() else ""
     node: Any = data
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(parts):
+        _check_step(node, parts[: i + 1], where)
+        if i == len(parts) - 1:
+            break
         nxt = node[part] if _has(node, part) else None
         if not isinstance(nxt, dict | list):
-            if isinstance(part, int):
-                raise UserError(f"{where}: {'.'.join(map(str, parts[: i + 1]))} does not exist in the recipe")
+            if isinstance(parts[i + 1], int):
+                raise UserError(
+                    f"{where}: {dotted_path(parts[: i + 1])} is not a list in the recipe; set the whole list "
+                    f"instead, e.g. --set {dotted_path(parts[: i + 1])}=[...]"
+                )
             nxt = {}
             node[part] = nxt
         node = nxt
     last = parts[-1]
-    if isinstance(node, list) and not (isinstance(last, int) and last < len(node)):
-        raise UserError(f"{where}: {key} is not an index of that list (it has {len(node)} items)")
     node[last] = _merge(node[last], value) if _has(node, last) else value
-    origins = {**origins, tuple(parts): where}
+    # Everything this argument set is reported at it, not at the recipe line it replaced.
+    origins = {p: w for p, w in origins.items() if p[: len(parts)] != parts or _has_path(node[last], p[len(parts) :])}
+    origins[parts] = where
+    for sub in _paths(value):
+        origins[parts + sub] = where
     return data, origins
+
+
+def _check_step(node: Any, path: KeyPath, where: str) -> None:
+    """Refuse an index into a mapping, a name inside a list, and an index past a list's end."""
+    part, parent = path[-1], dotted_path(path[:-1])
+    if isinstance(node, list) and not isinstance(part, int):
+        raise UserError(f"{where}: {parent} is a list; name an item by its index, e.g. {parent}[0].{part}")
+    if isinstance(node, dict) and isinstance(part, int):
+        raise UserError(f"{where}: {dotted_path(path)} does not exist: {parent} is a section, not a list")
+    if isinstance(node, list) and part >= len(node):
+        raise UserError(
+            f"{where}: {dotted_path(path)} does not exist: {parent} is a list of {len(node)} item(s); "
+            f"to add one, set the whole list: --set {parent}=[...]"
+        )
+
+
+def _paths(value: Any, prefix: KeyPath = ()) -> list[KeyPath]:
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [p for k, v in items for p in (prefix + (k,), *_paths(v, prefix + (k,)))]
+
+
+def _has_path(value: Any, path: KeyPath) -> bool:
+    for part in path:
+        if not _has(value, part):
+            return False
+        value = value[part]
+    return True
 
 
 def _has(node: Any, key: str | int) -> bool:
@@ -327,13 +506,19 @@ def _describe(
     elif err["type"] == "rule":
         msg = "; ".join(e["msg"] for e in errs)
     elif err["type"] == "literal_error":
-        choices = re.findall(r"'([^']*)'", (err.get("ctx") or {}).get("expected", ""))
+        choices = _choices((err.get("ctx") or {}).get("expected", ""))
         msg = f"expected one of {', '.join(choices)}; found {_found(err)}" + _suggest(
             str(err.get("input")), choices
         )
     else:
         msg = f"{_expectation(err)}; found {_found(err)}"
     return f"{where}: {dotted}: {msg}"
+
+
+def _choices(expected: str) -> list[str]:
+    """The choices of pydantic's "'a', 'b' or 'c'" (or "1, 2 or 3") as plain words."""
+    items = re.split(r", | or ", expected)
+    return [item.strip().strip("'\"") for item in items if item.strip()]
 
 
 def dotted_path(path: KeyPath) -> str:

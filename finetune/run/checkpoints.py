@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,10 @@ from typing import Any
 import yaml
 
 from finetune.errors import UserError
+from finetune.run.layout import CHECKPOINT_MARKER, CHECKPOINT_NAME, RECIPE, RunDir, step_in_name
 
-MARKER = "finetune_checkpoint.json"
+MARKER = CHECKPOINT_MARKER
 LATEST = ":latest"  # the value of a bare `--resume`
-CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 # Sections that change where results go or how they are reported, never what is trained.
 NOT_COMPARED_ON_RESUME = ("name", "output", "logging")
 
@@ -51,7 +50,7 @@ def write_atomic(path: Path, text: str) -> None:
 def commit_checkpoint(checkpoint: Path, *, step: int, epoch: float | None, samples: int, recipe_yaml: str,
                       data: list[dict[str, Any]]) -> None:
     """Mark a checkpoint the Trainer has fully written as complete (recipe copy, fsync, then the marker)."""
-    (checkpoint / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    (checkpoint / RECIPE).write_text(recipe_yaml, encoding="utf-8")
     for path in sorted(checkpoint.rglob("*")):
         if path.is_file():
             _fsync(path)
@@ -73,7 +72,7 @@ def list_checkpoints(checkpoints_dir: Path) -> tuple[list[Path], list[Path]]:
     found = sorted(
         (int(m.group(1)), p)
         for p in checkpoints_dir.iterdir()
-        if p.is_dir() and (m := CHECKPOINT_DIR.match(p.name))
+        if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))
     )
     complete = [p for _, p in found if (p / MARKER).is_file()]
     incomplete = [p for _, p in found if not (p / MARKER).is_file()]
@@ -83,36 +82,42 @@ def list_checkpoints(checkpoints_dir: Path) -> tuple[list[Path], list[Path]]:
 def resolve_resume(value: str, run_dir: Path, log) -> Path:
     """The checkpoint a `--resume [PATH]` names: the latest complete one of a run dir, or a given checkpoint."""
     if value == LATEST:
-        return _latest_complete(run_dir, log)
-    path = Path(value)
-    if not path.exists():
-        raise UserError(f"--resume: {path}: no such checkpoint or run directory")
-    if CHECKPOINT_DIR.match(path.name) and path.is_dir():
-        if not (path / MARKER).is_file():
+        return _latest_complete(RunDir(run_dir), log)
+    from finetune.run.resolve import locate
+
+    found = locate(value, key="--resume", local=True)
+    if found.kind == "checkpoint":
+        if not (found.path / MARKER).is_file():
             raise UserError(
-                f"--resume: {path} is incomplete (no {MARKER}: the run stopped while writing it); "
+                f"--resume: {found.path} is incomplete (no {MARKER}: the run stopped while writing it); "
                 f"resume from an earlier checkpoint, or from the run directory to take the latest complete one"
             )
-        return path
-    return _latest_complete(path, log)
+        return found.path
+    if found.kind == "run":
+        return _latest_complete(found.run, log)
+    raise UserError(f"--resume: {value} is a {found.kind}, not a checkpoint or run directory")
 
 
-def _latest_complete(run_dir: Path, log) -> Path:
-    complete, incomplete = list_checkpoints(run_dir / "checkpoints")
-    newer = [p for p in incomplete if not complete or _step(p) > _step(complete[-1])]
+def _latest_complete(run: RunDir, log) -> Path:
+    complete, incomplete = list_checkpoints(run.checkpoints)
+    newer = [p for p in incomplete if not complete or step_in_name(p) > step_in_name(complete[-1])]
     for path in newer:
         log(f"warning: skipping {path}: incomplete (the run stopped while writing it)")
-    if not complete:
+    if complete:
+        return complete[-1]
+    from finetune.run.records import read_provenance
+
+    provenance = read_provenance(run.provenance) if run.exists() else None
+    if provenance is not None and provenance.before_start:
         raise UserError(
-            f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}"
-            + (f" ({len(incomplete)} incomplete)" if incomplete else "")
-            + "; set training.save_steps to write checkpoints, or start afresh with --overwrite"
+            f"--resume: {run.root} stopped before its first training step ({provenance.status}), so there is "
+            "nothing to resume; run the same command without --resume (it replaces that run)"
         )
-    return complete[-1]
-
-
-def _step(path: Path) -> int:
-    return int(CHECKPOINT_DIR.match(path.name).group(1))
+    raise UserError(
+        f"--resume: no complete checkpoint in {run.checkpoints}"
+        + (f" ({len(incomplete)} incomplete)" if incomplete else "")
+        + "; set training.save_steps to write checkpoints, or start afresh with --overwrite"
+    )
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -131,7 +136,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def resume_differences(checkpoint: Path, recipe_dict: dict[str, Any], data: list[dict[str, Any]]) -> list[str]:
     """What differs between the run a checkpoint belongs to and this one: recipe keys and data files."""
-    saved = yaml.safe_load((checkpoint / "recipe.yaml").read_text(encoding="utf-8"))
+    saved = yaml.safe_load((checkpoint / RECIPE).read_text(encoding="utf-8"))
     old = {k: v for k, v in _flatten(saved).items() if not k.startswith(NOT_COMPARED_ON_RESUME)}
     new = {k: v for k, v in _flatten(recipe_dict).items() if not k.startswith(NOT_COMPARED_ON_RESUME)}
     changes = [

@@ -1,14 +1,14 @@
-"""Provenance of a run: what produced it, on what, from which data; and a model card for its output.
+"""Provenance of a run: what produced it, on what base (revision or content hash), from which data.
 
-`<run>/provenance.json` is written when the run starts (status "running") and rewritten when it
-ends (completed, interrupted or failed, with the final metrics). Everything in it passes
-through `redact`, so no token from the environment or the recipe is ever written.
+`<run>/provenance.json` (records.Provenance) is written when the run starts (status "running") and
+rewritten when it ends (completed, interrupted, failed, or stopped before its first step, with
+the final metrics). records.write_provenance redacts it, so no token from the environment or the
+recipe is ever written.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import subprocess
@@ -17,13 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from finetune import __version__
 from finetune.data.sources import sha256_file
 from finetune.recipe.schema import Recipe
-from finetune.redact import redact
-from finetune.run.checkpoints import write_atomic
+from finetune.run.layout import MergedDir, RunDir
+from finetune.run.records import (
+    RUNNING,
+    BaseIdentity,
+    MergeReport,
+    Provenance,
+    StartRecord,
+    read_provenance,
+    write_provenance,
+)
 
 PACKAGES = (
     "torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "safetensors",
@@ -65,6 +71,30 @@ def git_revision(directory: Path) -> dict[str, Any] | None:
     return {"repository": root, "revision": revision, "dirty": dirty}
 
 
+def base_identity(weights: str, revision: str | None, name: str | None = None) -> BaseIdentity:
+    """What the base weights are: a Hub id and its revision, or a local model's content sha256 (config and weights).
+
+    `weights` is what the run loads (model.start.Start.base: through earlier runs to the true base);
+    `name` is how the recipe named it, when it named it directly (builtin:tiny-llama rather than the cache path).
+    Hashing reads every weight file once (~1 GB/s: seconds for a 7B model), so a card can say exactly which
+    local weights an adapter belongs to.
+    """
+    import hashlib
+
+    from finetune.model.builtin import resolve_model_path
+    from finetune.run.layout import MODEL_CONFIG
+
+    path = Path(resolve_model_path(weights))
+    if not path.is_dir():
+        return BaseIdentity(id=name or weights, revision=revision or "main")
+    if not (path / MODEL_CONFIG).is_file():
+        return BaseIdentity(path=name or str(path))
+    digest = hashlib.sha256()
+    for file in sorted([path / MODEL_CONFIG, *path.glob("*.safetensors"), *path.glob("*.bin")]):
+        digest.update(f"{file.name}:{sha256_file(file)}\n".encode())
+    return BaseIdentity(path=name or weights, sha256=digest.hexdigest())
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "finetune": __version__}
     for name in PACKAGES:
@@ -99,100 +129,38 @@ def hardware() -> dict[str, Any]:
 
 
 def start_provenance(recipe: Recipe, source: Path | None, data: list[dict[str, Any]], *,
-                     resumed_from: str | None) -> dict[str, Any]:
+                     resumed_from: str | None, start: StartRecord | None = None,
+                     base: BaseIdentity | None = None) -> Provenance:
     """The provenance of a run as it starts; `finish_provenance` completes it."""
-    return {
-        "finetune_version": __version__,
-        "status": "running",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": ["finetune" if sys.argv[0].endswith(("__main__.py", "finetune")) else sys.argv[0], *sys.argv[1:]],
-        "recipe_file": str(source) if source else None,
-        "git": git_revision(source.resolve().parent) if source else None,
-        "resumed_from": resumed_from,
-        "recipe": recipe.model_dump(mode="json"),
-        "data": data,
-        "packages": package_versions(),
-        "hardware": hardware(),
-    }
+    return Provenance(
+        finetune_version=__version__,
+        status=RUNNING,
+        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        command=["finetune" if sys.argv[0].endswith(("__main__.py", "finetune")) else sys.argv[0], *sys.argv[1:]],
+        recipe_file=str(source) if source else None,
+        git=git_revision(source.resolve().parent) if source else None,
+        resumed_from=resumed_from,
+        start=start,
+        base_model=base,
+        recipe=recipe.model_dump(mode="json"),
+        data=data,
+        packages=package_versions(),
+        hardware=hardware(),
+    )
 
 
-def finish_provenance(provenance: dict[str, Any], status: str, metrics: dict[str, Any] | None = None) -> None:
-    provenance["status"] = status
-    provenance["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+def finish_provenance(provenance: Provenance, status: str, metrics: dict[str, Any] | None = None) -> None:
+    """Record how the run ended (status, time, and the final metrics when there are any)."""
+    provenance.status = status
+    provenance.finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if metrics is not None:
-        provenance["metrics"] = metrics
+        provenance.metrics = metrics
 
 
-def write_provenance(provenance: dict[str, Any], path: Path) -> None:
-    """Write provenance.json, redacted."""
-    write_atomic(path, json.dumps(redact(provenance), indent=2, default=str) + "\n")
-
-
-def model_card(provenance: dict[str, Any], *, merged: bool = False) -> str:
-    """A README.md for the adapter (or model, or merged model) directory, from the run's provenance."""
-    provenance = redact(provenance)
-    recipe, metrics = provenance["recipe"], provenance.get("metrics") or {}
-    adapter, training, method = recipe["adapter"], recipe["training"], recipe["method"]
-    base = recipe["model"]["path"]
-    is_adapter = adapter["kind"] != "full" and not merged
-    front = {"library_name": "peft" if is_adapter else "transformers", "tags": ["finetune", method["kind"],
-                                                                              adapter["kind"]]}
-    if base.count("/") == 1 and not Path(base).exists():
-        front["base_model"] = base  # a Hub id; a local path means nothing to the Hub
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {recipe['name']}", ""]
-    what = (f"A model merged from a {adapter['kind'].upper()} adapter" if merged
-            else f"A {adapter['kind'].upper()} adapter" if is_adapter else "A fully fine-tuned model")
-    lines += [f"{what} for `{base}`, trained with {method['kind'].upper()} by "
-              f"finetune {provenance['finetune_version']}.", ""]
-    lines += ["## Data", "", "| dataset | path | sha256 |", "|---|---|---|"]
-    lines += [f"| {d['key']} | `{Path(d['path']).name}` | {(d.get('sha256') or 'not hashed')[:16]} |"
-              for d in provenance["data"]]
-    steps = f"{training['max_steps']} steps" if training["max_steps"] else f"{training['epochs']} epochs"
-    lines += ["", "## Training", "",
-              f"- learning rate {training['learning_rate']} ({training['lr_scheduler']}), {steps}, "
-              f"micro batch {training['micro_batch_size']} x {training['gradient_accumulation_steps']} accumulation, "
-              f"max length {training['max_length']}, seed {training['seed']}"]
-    if adapter["kind"] != "full":  # the fields differ by kind (r for LoRA, init_r for AdaLoRA, none for IA3 ...)
-        settings = [f"{key} {value}" for key, value in adapter.items() if key != "kind" and value not in (None, [], {})]
-        lines.append(f"- {adapter['kind']} adapter: {', '.join(settings)}")
-    shown = {k: v for k, v in metrics.items() if k in ("global_step", "train_loss", "final_loss", "eval_loss",
-                                                        "eval_perplexity", "train_seconds")}
-    if shown:
-        lines += ["", "## Results", "", *[f"- {k}: {v}" for k, v in shown.items()]]
-    if is_adapter:
-        lines += ["", "## Use", "", "```python",
-                  "from peft import AutoPeftModelForCausalLM",
-                  "from transformers import AutoTokenizer",
-                  "",
-                  'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory")',
-                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-                  "```", "", "Or bake it into the base: `finetune merge <run directory>`."]
-    else:
-        lines += ["", "## Use", "", "```python",
-                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  "",
-                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
-                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-                  "```"]
-    if merged and provenance.get("merge"):
-        report = provenance["merge"]
-        lines += ["", "## Merge check", "",
-                  f"Saved in {report['saved_dtype']} (base {report['base_dtype']}); logits vs the adapter model: max "
-                  f"abs diff {report['max_abs_logit_diff']:.2e}; greedy generations agree: "
-                  f"{report['greedy_generations_agree']} (`merge_report.json`)."]
-    lines += ["", "## Provenance", "",
-              f"Package versions, hardware, data hashes and the resolved recipe: `provenance.json` in the run "
-              f"directory. Recipe file: `{provenance.get('recipe_file')}`"
-              + (f", git {provenance['git']['revision'][:12]}{' (dirty)' if provenance['git']['dirty'] else ''}"
-                 if provenance.get("git") else "") + "."]
-    return "\n".join(lines) + "\n"
-
-
-def carry_into_merged(run_dir: Path, out: Path, merge_report: dict[str, Any]) -> None:
-    """Give a merged model its run's provenance, with the merge report (the card is model_card.carry_over's)."""
-    source = run_dir / "provenance.json"
-    if not source.is_file():
+def carry_into_merged(run: RunDir, merged: MergedDir, report: MergeReport) -> None:
+    """Give a merged model its run's provenance, with the merge report (the card is card.carry_over's)."""
+    provenance = read_provenance(run.provenance)
+    if provenance is None:
         return  # a run from before provenance existed
-    provenance = json.loads(source.read_text(encoding="utf-8"))
-    provenance["merge"] = merge_report
-    write_provenance(provenance, out / "provenance.json")
+    provenance.merge = report
+    write_provenance(merged.provenance, provenance)

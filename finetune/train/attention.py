@@ -40,6 +40,10 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     segments = None
     if attention_mask is None and query.shape[2] == key.shape[2] > 1:
         segments = _segments(kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids"), query.shape[0])
+    # Boundaries that do not cover the row (PEFT's prompt tuning prepends virtual tokens the collator never saw)
+    # cannot say where sequences lie: sdpa's own path then runs, as it would without this module.
+    if segments is not None and any(sum(lengths) != query.shape[2] for lengths in segments):
+        segments = None
     if segments is None or kwargs.get("softcap") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)

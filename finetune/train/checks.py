@@ -1,8 +1,19 @@
-"""Checks before the first step: weights format, GPU-only kernels, disk room for the checkpoints, longest sample.
+"""Every check before training, in the order they run: each fails in seconds what would fail hours in.
 
-Each one fails (or warns) in seconds what would otherwise fail hours into a run: a pickle file
-that runs code when loaded, a disk that fills up at the third checkpoint, a sample silently
-cut in half by max_length.
+Before the run directory is claimed (`check_before_claim`; nothing is written if one fails):
+1. what `finetune validate` checks (recipe.inputs.check_inputs): data files and their first row, model.path's
+   kind, builtin: names, template, output dir, installed extras, a run name that is not a secret; then
+   the run directory can be claimed (and the checkpoint to resume fits the recipe); TRL's ORPO is installed;
+2. local preference rows parse;
+3. model.path: what it names (an earlier run, through its chain), with start_from's rules;
+4. the weights are safetensors (a pickle can run code when loaded); GPU-only kernels (liger, flash-attention 2)
+   have a CUDA GPU and their package;
+5. adapter module names against the model's meta-device skeleton (no weights loaded);
+6. the memory plan.
+
+After the claim, before the first step: the data itself (bad rows, nothing to train; data.prepare),
+the longest sample against max_length (`report_longest`), and disk room for the checkpoints
+(`check_disk`, once the trainer knows the step count).
 """
 
 from __future__ import annotations
@@ -13,11 +24,55 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.recipe import LoadedRecipe
+from finetune.recipe.methods import PREFERENCE_KINDS
 from finetune.recipe.schema import Recipe
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OPTIMIZER_STATES = {"adamw_torch": 2, "adamw_torch_fused": 2, "adamw_8bit": 2, "sgd": 0}  # tensors per parameter
 SMALL_FILES = 2**20  # scheduler, RNG and trainer state, configs, model card: tens of KiB
+
+
+def check_recipe_inputs(loaded: LoadedRecipe, lifecycle=None):
+    """Checks 1-4 (see the module docstring); returns where training starts (model.start.Start).
+
+    The launcher of a multi-process run runs these before it starts any process. `lifecycle` (a
+    RunLifecycle) checks the run directory and the checkpoint to resume right after the inputs, before
+    anything heavy is imported, so those refusals come in well under a second.
+    """
+    from finetune.model.start import resolve_start
+    from finetune.recipe.inputs import check_inputs
+
+    recipe = loaded.recipe
+    check_inputs(loaded)
+    if lifecycle is not None:
+        lifecycle.check()
+    if recipe.method.kind in PREFERENCE_KINDS:
+        from finetune.data.pairs import check_local_preference_data
+        from finetune.train.preference import check_orpo_available
+
+        check_orpo_available(recipe)
+        check_local_preference_data(recipe)
+    start = resolve_start(recipe)
+    check_weights_format(start.base, recipe)
+    check_kernels(recipe)
+    return start
+
+
+def check_before_claim(loaded: LoadedRecipe, *, ignore_memory_plan: bool, log, lifecycle=None):
+    """Every check that needs no weights (1-6): returns (start, the model's layout for the adapter)."""
+    recipe = loaded.recipe
+    start = check_recipe_inputs(loaded, lifecycle)
+    from finetune.adapters.targets import check_selection, read_layout
+    from finetune.logs import quiet_libraries
+    from finetune.model.load import resolve_precision
+    from finetune.train.memory import check_memory
+
+    quiet_libraries()
+    layout = read_layout(start.base, recipe)
+    check_selection(recipe, layout, recipe.model.path)
+    check_memory(recipe, start.base, resolve_precision(recipe).device, force=ignore_memory_plan, log=log)
+    return start, layout
 
 
 def check_weights_format(model_path: str, recipe: Recipe) -> None:
@@ -41,8 +96,11 @@ def pickle_refusal(model_path: str, found: str) -> str:
     )
 
 
-def check_kernels(recipe: Recipe, device: str) -> None:
-    """Refuse GPU-only kernels on a machine without a CUDA GPU, or without their package, before the model loads."""
+def check_kernels(recipe: Recipe, device: str | None = None) -> None:
+    """Refuse GPU-only kernels on a machine without a CUDA GPU, or without their package, before the model loads.
+
+    `device` defaults to what model.load.resolve_precision picks (torch is imported only when a kernel is asked for).
+    """
     wanted = []  # (what the recipe asks for, module, package, how to install it, what to do instead)
     if recipe.training.kernels == "liger":
         wanted.append(("training.kernels: 'liger'", "liger_kernel", "liger-kernel",
@@ -51,6 +109,10 @@ def check_kernels(recipe: Recipe, device: str) -> None:
         wanted.append(("model.attn_implementation: flash_attention_2", "flash_attn", "flash-attn",
                        "a wheel built for your torch and CUDA (pip install flash-attn --no-build-isolation)",
                        "use sdpa (padding-free batches then run attention one sequence at a time)"))
+    if wanted and device is None:
+        from finetune.model.load import resolve_precision
+
+        device = resolve_precision(recipe).device
     for what, module, package, install, instead in wanted:
         if device != "cuda":
             raise UserError(f"{what} runs on a CUDA GPU, and this machine has none; {instead}")

@@ -8,6 +8,7 @@ user will not wait: the process exits straight away, without a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -32,6 +33,26 @@ class StopRequest:
     def requested(self) -> bool:
         """Whether a stop was asked for."""
         return self.signum is not None
+
+    def agree(self) -> bool:
+        """Whether any process of the run was asked to stop; then this one takes the same signal.
+
+        Called by every process at each step boundary (StopOnSignal): one collective, so all processes stop
+        at the same step even when a signal reaches them at different times, or reaches only some of them.
+        One process: no collective, just `requested`.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.requested
+        import torch
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        signum = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        if signum.item() and self.signum is None:
+            self.signum = int(signum.item())  # another process's signal: stop with it, reported the same way
+        return self.requested
 
     @property
     def signal_name(self) -> str:
@@ -78,3 +99,28 @@ class RunInterrupted(UserError):
     def __init__(self, message: str, *, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Stage:
+    """What `finetune train` is doing now, so that Ctrl-C at any moment can say what it interrupted and what to do."""
+
+    def __init__(self, what: str, then: str):
+        self.what, self.then = what, then
+
+    def now(self, what: str, then: str | None = None) -> None:
+        """Enter the next stage (`then`: what to do if it is interrupted; unchanged when None)."""
+        self.what = what
+        self.then = then or self.then
+
+
+@contextlib.contextmanager
+def interruptible(stage: Stage):
+    """Ctrl-C inside the block ends the command with one line: what was interrupted and what to do (exit 130).
+
+    Training itself is covered by StopRequest (a checkpoint, then a resume command); this covers
+    every other moment of `finetune train`: reading the recipe, checks, data, model loading, saving.
+    """
+    try:
+        yield stage
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"Ctrl-C while {stage.what}; {stage.then}", exit_code=128 + signal.SIGINT) from None

@@ -41,7 +41,7 @@ def check_orpo_available(recipe: Recipe) -> None:
         )
 
 
-def run_dpo(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common: dict):
+def build_dpo_trainer(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common: dict):
     """Build TRL's DPOTrainer."""
     from trl import DPOConfig, DPOTrainer
 
@@ -60,7 +60,7 @@ def run_dpo(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common: di
     )
 
 
-def run_orpo(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common: dict):
+def build_orpo_trainer(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common: dict):
     """Build TRL's (experimental) ORPOTrainer: no reference model, NLL plus an odds-ratio term."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -73,7 +73,7 @@ def run_orpo(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common: d
     )
 
 
-def run_kto(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common: dict):
+def build_kto_trainer(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common: dict):
     """Build TRL's KTOTrainer on prompt/completion/label rows."""
     from trl import KTOConfig, KTOTrainer
 
@@ -92,7 +92,7 @@ def run_kto(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common: di
     )
 
 
-PREFERENCE_TRAINERS = {"dpo": run_dpo, "orpo": run_orpo, "kto": run_kto}
+PREFERENCE_TRAINERS = {"dpo": build_dpo_trainer, "orpo": build_orpo_trainer, "kto": build_kto_trainer}
 
 
 def describe_reference(trainer, recipe: Recipe) -> str:

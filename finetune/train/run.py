@@ -1,22 +1,27 @@
-"""Train stage: everything cheap is checked first, then data, then the model, then TRL trains."""
+"""Train stage: everything cheap is checked first, then data, then the model, then TRL trains.
+
+Ctrl-C at any moment ends with one line saying what was interrupted and what to do (exit 130):
+during training a checkpoint is saved first (train.interrupt.StopRequest); before the first step
+the run is marked interrupted-before-start, and the same command replaces it.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
 from finetune.errors import UserError
 from finetune.launch.processes import is_main_process, main_process_first, zero3_weight_loading
-from finetune.logs import quiet_libraries, stderr
+from finetune.logs import stderr
 from finetune.recipe import LoadedRecipe, Recipe
 from finetune.recipe.methods import PREFERENCE_KINDS
-from finetune.redact import secret_key_paths
-from finetune.train.checks import check_kernels, check_weights_format, report_longest
+from finetune.run import records
+from finetune.run.layout import RunDir
+from finetune.train.checks import check_before_claim, report_longest
+from finetune.train.interrupt import Stage, interruptible
 from finetune.train.lifecycle import RunLifecycle
-from finetune.train.memory import check_memory, peak_memory
-from finetune.train.trackers import check_trackers
+from finetune.train.memory import peak_memory
 from finetune.train.trainers import TRAINERS
 
 
@@ -55,46 +60,76 @@ def run_training(
             f"distributed.strategy: '{recipe.distributed.strategy}' starts several processes; "
             "run it with `finetune train` (finetune.launch.launcher.launch_training), not in this process"
         )
-    start = _preflight(recipe)
-    quiet_libraries()
-    from finetune.adapters.targets import check_selection, read_layout
+    lifecycle = RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
+                             resume_command=resume_command, launched=launched)
+    # Ctrl-C at any moment: one line naming the stage it interrupted and what to do (the lifecycle records it)
+    with interruptible(Stage("checking the recipe", "nothing was written; run the same command again")) as stage:
+        # Everything that needs no weights, before the run directory is claimed: a typo costs seconds
+        # and leaves nothing behind (train.checks lists them in order).
+        start, layout = check_before_claim(loaded, ignore_memory_plan=ignore_memory_plan, log=log,
+                                           lifecycle=lifecycle)
+        lifecycle.start = start
+        stage.now(f"claiming {recipe.run_dir}", "run the same command again")
+        with lifecycle as run:
+            again = f"nothing was trained; run `{run.resume_command.removesuffix(' --resume')}` again (it " \
+                    f"replaces {run.dir})"
+            stage.now("starting the run", again)
+            return _train(recipe, start, layout, run, log, callbacks, stage)
 
-    # Module names in the adapter section are matched on the model's meta-device skeleton (no weights),
-    # before the run directory is claimed, so a typo costs seconds and leaves nothing behind.
-    layout = read_layout(start.base, recipe)
-    check_selection(recipe, layout, recipe.model.path)
-    from finetune.model.load import resolve_precision
 
-    check_memory(recipe, start.base, resolve_precision(recipe).device, force=ignore_memory_plan, log=log)
-    with RunLifecycle(loaded, overwrite=overwrite, resume=resume, force=force, log=log,
-                      resume_command=resume_command, launched=launched) as run:
-        return _train(recipe, start, layout, run, log, callbacks)
+def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks, stage: Stage) -> Path:
+    run_dir = run.run
+    log(f"run directory: {run_dir.root}  (resolved recipe in {run_dir.recipe})")
 
-
-def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks) -> Path:
-    run_dir = run.dir
-    log(f"run directory: {run_dir}  (resolved recipe in {run_dir / 'recipe.yaml'})")
-
-    from finetune.adapters import hooks
-    from finetune.adapters.configs import build_peft_config
-    from finetune.adapters.summary import count_parameters, summary_lines
-    from finetune.model.load import load_model, load_tokenizer, resolve_precision
+    from finetune.model.load import load_model, prepare_tokenizer, resolve_precision
     from finetune.model.start import load_start_adapter
-    from finetune.model.vocab import add_special_tokens, fit_embeddings
 
     precision = resolve_precision(recipe)
-    check_weights_format(start.base, recipe)
+    stage.now("preparing the data")
     with main_process_first():  # a builtin model is built, a Hub model downloaded, once
-        tokenizer = load_tokenizer(start.tokenizer, recipe.model)
-    new_tokens = add_special_tokens(tokenizer, recipe.model.add_special_tokens)
+        tokenizer, new_tokens = prepare_tokenizer(recipe, start)
     with main_process_first():  # one process prepares (and caches) the data while the others wait
         train_ds, eval_ds = _build_data(recipe, tokenizer, run_dir, log)
     total_steps = _total_steps(recipe, train_ds) if recipe.adapter.kind == "adalora" else None
 
+    stage.now("loading the model")
     log(f"loading {start.base} ({precision.load_dtype}, {precision.device})"
         + (f" with the adapter of {start.run} to keep training" if start.adapter else ""))
     with zero3_weight_loading():
         model = load_start_adapter(load_model(start.base, recipe, precision, revision=start.revision), start)
+    trainer = _build_trainer(recipe, start, layout, model, tokenizer, new_tokens, train_ds, eval_ds,
+                             precision, total_steps, run_dir, log)
+    stage.now("starting training")  # once steps run, StopRequest turns Ctrl-C into a checkpoint instead
+    started = time.perf_counter()
+    result = run.train(trainer, start.base, callbacks)
+    seconds = time.perf_counter() - started
+    artifact = run_dir.artifact(recipe.adapter.kind)
+    stage.now(f"saving {artifact} after step {trainer.state.global_step}",
+              "it may be incomplete; train again with --overwrite")
+    summary = _save_outputs(recipe, trainer, tokenizer, run_dir, result.metrics, seconds, run.resumed_step)
+    if summary is None:  # another process of a multi-process run: the main one writes and reports
+        return run_dir.root
+    run.finish(summary, artifact)
+    stage.now("finishing", f"the run is complete: {artifact}")
+    from finetune.train.progress import describe_reward_change
+
+    if change := describe_reward_change(summary.model_dump()):
+        log(change)
+    from finetune.merge.mergeable import mergeable
+
+    then = "merge" if mergeable(recipe.adapter.kind, getattr(recipe.adapter, "init", None)) else "chat"
+    log(f"done: {artifact}; next: finetune {then} {run_dir.root}")
+    return run_dir.root
+
+
+def _build_trainer(recipe, start, layout, model, tokenizer, new_tokens, train_ds, eval_ds, precision, total_steps,
+                   run_dir: RunDir, log):
+    """The adapter on the loaded model, and the method's trainer around it (built, not run)."""
+    from finetune.adapters import hooks
+    from finetune.adapters.configs import build_peft_config
+    from finetune.adapters.summary import count_parameters, summary_lines
+    from finetune.model.vocab import fit_embeddings
+
     if fit_embeddings(model, tokenizer, recipe.training.seed):
         log(f"added tokens {new_tokens}: embeddings resized to {len(tokenizer)} rows")
     hooks.freeze_except(model, recipe)
@@ -102,81 +137,43 @@ def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks) -> 
         recipe, model_path=start.base, hidden_size=layout.hidden_size, total_steps=total_steps
     )
     trainer = TRAINERS[recipe.method.kind](
-        recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir
+        recipe, model, tokenizer, train_ds, eval_ds, peft_config, precision, run_dir.root
     )
-    hooks.prepare_trainer(trainer, recipe, run_dir, start.base, total_steps)
+    hooks.prepare_trainer(trainer, recipe, run_dir.root, start.base, total_steps)
     if recipe.method.kind in PREFERENCE_KINDS:
         from finetune.train.preference import check_prepared, describe_reference
 
-        _add_to_audit(run_dir / "audit.json", check_prepared(recipe, trainer, len(train_ds), log))
+        if is_main_process():
+            records.append_audit(run_dir, {"dataset": "data.train after TRL's tokenisation",
+                                           **check_prepared(recipe, trainer, len(train_ds), log)})
         log(f"reference model: {describe_reference(trainer, recipe)}")
     for line in summary_lines(count_parameters(trainer.model)):
         log(line)
     if any(hasattr(p, "ds_id") for p in trainer.model.parameters()):
         log("base weights loaded straight into ZeRO-3 shards")
-    started = time.perf_counter()
-    result = run.train(trainer, start.base, callbacks)
-    seconds = time.perf_counter() - started
-    summary = _save_outputs(recipe, trainer, tokenizer, run_dir, result.metrics, seconds, run.resumed_step)
-    if summary is None:  # another process of a multi-process run: the main one writes and reports
-        return run_dir
-    run.finish(summary, run_dir / _artifact_name(recipe))
-    from finetune.train.progress import describe_reward_change
-
-    if change := describe_reward_change(summary):
-        log(change)
-    log(
-        f"done: {run_dir / _artifact_name(recipe)}"
-        + (f"; next: finetune merge {run_dir}" if recipe.adapter.kind != "full" else "")
-    )
-    return run_dir
+    return trainer
 
 
-def _preflight(recipe: Recipe):
-    """Cheap checks that would otherwise fail after the model has loaded; returns where training starts."""
-    from finetune.data.sources import check_dataset_exists
-    from finetune.model.load import check_quantisation_available, resolve_precision
-    from finetune.model.start import resolve_start
+def _build_data(recipe: Recipe, tokenizer, run_dir: RunDir, log):
+    """Train/eval datasets and audit.json: SFT rows tokenised (and cached) by us, preference rows by TRL.
 
-    check_quantisation_available(recipe)
-    check_kernels(recipe, resolve_precision(recipe).device)
-    check_trackers(recipe)
-    if secret_key_paths(recipe.name):
-        raise UserError("name: looks like a secret (a token or key); it names the run directory, so it cannot "
-                        "be redacted. Choose another name")
-    for split in ("train", "eval"):
-        for i, spec in enumerate(getattr(recipe.data, split)):
-            check_dataset_exists(spec, f"data.{split}[{i}]")
-    if recipe.method.kind in PREFERENCE_KINDS:
-        from finetune.data.pairs import check_local_preference_data
-        from finetune.train.preference import check_orpo_available
+    The tokenizer comes from model.load.prepare_tokenizer, with the recipe's chat template set.
+    """
+    from finetune.data.prepare import prepare_datasets
 
-        check_orpo_available(recipe)
-        check_local_preference_data(recipe)
-    return resolve_start(recipe)
-
-
-def _build_data(recipe: Recipe, tokenizer, run_dir: Path, log):
-    """Train/eval datasets and audit.json: SFT rows tokenised (and cached) by us, preference rows by TRL."""
-    from finetune.data.prepare import prepare_datasets, set_chat_template, write_audit
-
-    set_chat_template(recipe, tokenizer)
     if recipe.method.kind in PREFERENCE_KINDS:
         from finetune.data.pairs import build_preference_data
 
-        return build_preference_data(recipe.data, recipe.method.kind, run_dir / "audit.json", log)
+        train_ds, eval_ds, audit = build_preference_data(recipe.data, recipe.method.kind, log)
+        if is_main_process():
+            records.write_audit(run_dir, audit)
+        return train_ds, eval_ds
     train_ds, eval_ds, audits = prepare_datasets(recipe, tokenizer, log)
     if is_main_process():
-        write_audit(audits, run_dir / "audit.json")
+        records.write_audit(run_dir, [a.to_record() for a in audits])
     report_longest(audits, recipe.training.max_length, log)
     keep = ["input_ids", "labels"]  # our `source` tags stay in the cache and the preview
     return train_ds.select_columns(keep), eval_ds.select_columns(keep) if eval_ds is not None else None
-
-
-def _add_to_audit(path: Path, record: dict) -> None:
-    records = json.loads(path.read_text(encoding="utf-8"))
-    records.append({"dataset": "data.train after TRL's tokenisation", **record})
-    path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
 
 
 def _total_steps(recipe: Recipe, train_ds) -> int:
@@ -194,13 +191,9 @@ def _total_steps(recipe: Recipe, train_ds) -> int:
     return total_optimizer_steps(rows, recipe.training, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _artifact_name(recipe: Recipe) -> str:
-    return "model" if recipe.adapter.kind == "full" else "adapter"
-
-
 def _save_outputs(
-    recipe, trainer, tokenizer, run_dir: Path, metrics: dict, seconds: float, resumed_step: int | None
-) -> dict | None:
+    recipe, trainer, tokenizer, run_dir: RunDir, metrics: dict, seconds: float, resumed_step: int | None
+) -> records.Summary | None:
     """Adapter (or full model) with the tokenizer and chat template used in training, and a summary.
 
     Every process calls this: under ZeRO-3 or FSDP saving gathers the shards from all of them, and
@@ -208,7 +201,7 @@ def _save_outputs(
     """
     from finetune.adapters.hooks import MUTATING_INITS, save_adapter
 
-    out = run_dir / _artifact_name(recipe)
+    out = run_dir.artifact(recipe.adapter.kind)
     main = trainer.is_world_process_zero()
     if len(getattr(trainer.model, "peft_config", {})) > 1:
         # TRL adds a frozen "ref" copy when it continues an adapter; only the trained one is the output.
@@ -216,7 +209,7 @@ def _save_outputs(
             trainer.model.save_pretrained(out, selected_adapters=["default"])
     elif getattr(recipe.adapter, "init", None) in MUTATING_INITS:
         if main:  # PiSSA/OLoRA: converted to a plain LoRA that applies to the original base
-            save_adapter(trainer.model, out, recipe, run_dir)
+            save_adapter(trainer.model, out, recipe, run_dir.root)
     else:
         trainer.save_model(str(out))
     if not main:
@@ -226,29 +219,39 @@ def _save_outputs(
         from finetune.train.preference import describe_reference
 
         metrics = {**metrics, "reference_model": describe_reference(trainer, recipe)}
-    history = trainer.state.log_history
+    from finetune.train.bookkeeping import find_bookkeeping
+
+    history = trainer.state.log_history  # the whole run's: a resume restores the checkpoint's history
     last_eval = next((r for r in reversed(history) if "eval_loss" in r), None)
-    summary = {
-        "method": recipe.method.kind,
-        "train_seconds": round(seconds, 2),
-        "global_step": trainer.state.global_step,
-        "final_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
-        **({"eval_loss": last_eval["eval_loss"]} if last_eval else {}),
-        **({"eval_perplexity": math.exp(min(last_eval["eval_loss"], 50.0))}
-           if last_eval and recipe.method.kind == "sft" else {}),
-        "best_checkpoint": trainer.state.best_model_checkpoint,
+    book = find_bookkeeping(trainer.callback_handler.callbacks)
+    summary = records.Summary(
+        method=recipe.method.kind,
+        train_seconds=round(book.seconds() if book else seconds, 2),
+        global_step=trainer.state.global_step,
+        tokens={k: v for k, v in book.tokens.items() if v} or None if book else None,
+        resumes=book.resumes if book else [],
+        final_loss=next((r["loss"] for r in reversed(history) if "loss" in r), None),
+        eval_loss=last_eval["eval_loss"] if last_eval else None,
+        eval_perplexity=math.exp(min(last_eval["eval_loss"], 50.0))
+        if last_eval and recipe.method.kind == "sft" else None,
+        best_checkpoint=trainer.state.best_model_checkpoint,
+        resumed_from_step=resumed_step,  # transformers' train_loss averages only the steps after it
         **metrics,
         **peak_memory(),
         **_metric_summary(trainer),
-    }
-    if resumed_step is not None:
-        summary["resumed_from_step"] = resumed_step  # transformers' train_loss averages only the steps after it
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    )
+    records.write_summary(run_dir, summary)
     return summary
 
 
 def _metric_summary(trainer) -> dict:
-    from finetune.train.progress import MetricsLog
+    """First and last logged values of the losses and rewards, over the whole run (across resumes)."""
+    from finetune.train.progress import PREFERENCE_KEYS
 
-    logs = [c for c in trainer.callback_handler.callbacks if isinstance(c, MetricsLog)]
-    return logs[0].summary() if logs else {}
+    keys = ["loss", "eval_loss", *PREFERENCE_KEYS, *("eval_" + k for k in PREFERENCE_KEYS)]
+    seen: dict[str, dict[str, float]] = {}
+    for record in trainer.state.log_history:
+        for key in keys:
+            if isinstance(record.get(key), int | float):
+                seen.setdefault(key, {"first": record[key]})["last"] = record[key]
+    return {"first_and_last": seen}

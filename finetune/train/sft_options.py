@@ -5,7 +5,7 @@ See finetune/train/sft.py for what each choice does and why the defaults are wha
 
 from __future__ import annotations
 
-from finetune.recipe.schema import Recipe
+from finetune.recipe.schema import Recipe, auto_batching
 
 
 def resolve_batching(recipe: Recipe) -> str:
@@ -19,7 +19,7 @@ def resolve_batching(recipe: Recipe) -> str:
         # padding-free rows cost only their real tokens where attention runs per sequence (flash-attention's
         # varlen kernel, or finetune.train.attention for sdpa); eager and flex attention would mask the whole
         # concatenation instead, so they get length-grouped batches, which carry little padding
-        return "padding_free" if recipe.model.attn_implementation in ("sdpa", "flash_attention_2") else "grouped"
+        return auto_batching(recipe)
     return batching
 
 

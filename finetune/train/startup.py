@@ -41,14 +41,18 @@ def skip_unused_packages(recipe: Recipe) -> list[str]:
 
     Set FINETUNE_IMPORT_ALL=1 to keep every package visible (e.g. for a plugin that imports one itself).
     """
+    from finetune.model.builtin import BUILTIN_PREFIX
     from finetune.model.start import resolve_start
 
     if os.environ.get("FINETUNE_IMPORT_ALL") == "1":
         return []
-    try:
-        base = resolve_start(recipe).base
-    except UserError:
-        return []  # run_training reports it, after the checks that come first
+    if recipe.model.path.startswith(BUILTIN_PREFIX):
+        base = ""  # the built-in models are stored unquantised; resolving one would build it (torch) before the checks
+    else:
+        try:
+            base = resolve_start(recipe).base
+        except UserError:
+            return []  # run_training reports it, after the checks that come first
     needed = needed_packages(recipe, base)
     hidden = []
     for name in OPTIONAL_PACKAGES:
@@ -65,6 +69,8 @@ def _prequantised(base: str) -> bool:
     A base we cannot read yet (a Hub id not in the local cache) counts as quantised: loading it may need
     bitsandbytes, and its download costs more than the import.
     """
+    if not base:
+        return False
     config = Path(base) / "config.json"
     if not config.is_file():
         config = _cached_hub_config(base)

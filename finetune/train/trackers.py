@@ -10,15 +10,18 @@ from __future__ import annotations
 import importlib.util
 import netrc
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from finetune.errors import UserError
 from finetune.recipe.schema import Recipe
+from finetune.redact import redact
+from finetune.run.layout import RunDir
 
-PACKAGES = {"wandb": ("wandb", "pip install 'finetune[wandb]'"),
-            "tensorboard": ("tensorboard", "pip install 'finetune[tensorboard]'"),
-            "mlflow": ("mlflow", "pip install 'finetune[mlflow]'")}
+PACKAGES = {"wandb": ("wandb", "pip install 'finetune-recipes[wandb]'"),
+            "tensorboard": ("tensorboard", "pip install 'finetune-recipes[tensorboard]'"),
+            "mlflow": ("mlflow", "pip install 'finetune-recipes[mlflow]'")}
 
 
 def _wandb_has_key() -> bool:
@@ -49,11 +52,15 @@ def check_trackers(recipe: Recipe) -> None:
 
 
 def tracker_env(run_dir: Path) -> Callable[[], None]:
-    """Point the trackers' local files into the run dir (unless the user chose a place); returns the undo."""
+    """Point the trackers' local files into the run dir (unless the user chose a place); returns the undo.
+
+    Also redacts `sys.argv` for the run: wandb records the command line (wandb-metadata.json) and
+    mlflow its first word, so a token given as `--set logging.run_name=hf_...` would reach them verbatim.
+    """
     defaults = {
         "WANDB_DIR": str(run_dir),  # wandb/ (offline runs, logs)
-        "TENSORBOARD_LOGGING_DIR": str(run_dir / "tensorboard"),
-        "MLFLOW_TRACKING_URI": (run_dir / "mlruns").resolve().as_uri(),
+        "TENSORBOARD_LOGGING_DIR": str(RunDir(run_dir).tracker_dir("tensorboard")),
+        "MLFLOW_TRACKING_URI": RunDir(run_dir).tracker_dir("mlflow").resolve().as_uri(),
         # mlflow 3 refuses a local file store unless asked; a database store would need sqlalchemy
         "MLFLOW_ALLOW_FILE_STORE": "true",
     }
@@ -62,9 +69,12 @@ def tracker_env(run_dir: Path) -> Callable[[], None]:
     added = [key for key in defaults if key not in os.environ]
     for key in added:
         os.environ[key] = defaults[key]
+    argv = list(sys.argv)
+    sys.argv[:] = redact(argv)
 
     def restore() -> None:
         for key in added:
             os.environ.pop(key, None)
+        sys.argv[:] = argv
 
     return restore

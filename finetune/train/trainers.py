@@ -11,12 +11,13 @@ from typing import Any
 from finetune.recipe import Recipe
 from finetune.recipe.methods import PREFERENCE_KINDS
 from finetune.redact import redact_text
+from finetune.run.layout import RunDir
 
 
 def training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
     t = recipe.training
     return {
-        "output_dir": str(run_dir / "checkpoints"),
+        "output_dir": str(RunDir(run_dir).checkpoints),
         "per_device_train_batch_size": t.micro_batch_size,
         "per_device_eval_batch_size": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -38,7 +39,9 @@ def training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> d
         "data_seed": t.seed,
         "logging_steps": t.logging_steps,
         "logging_first_step": True,
-        "eval_strategy": "steps" if has_eval and t.eval_steps else "no",
+        # eval data without eval_steps is evaluated at each epoch's end (and so at the end of training):
+        # listing data.eval says "evaluate", and silently never doing it was the surprise
+        "eval_strategy": ("steps" if t.eval_steps else "epoch") if has_eval else "no",
         "eval_steps": t.eval_steps,
         "save_strategy": "steps" if t.save_steps else "no",
         "save_steps": t.save_steps or 500,
@@ -52,9 +55,10 @@ def training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> d
 
 
 def _callbacks(run_dir: Path):
+    from finetune.train.bookkeeping import RunBookkeeping
     from finetune.train.progress import MetricsLog, ProgressDisplay
 
-    return [ProgressDisplay(), MetricsLog(run_dir / "metrics.jsonl")]
+    return [RunBookkeeping(), ProgressDisplay(), MetricsLog(RunDir(run_dir).metrics)]
 
 
 def _quiet_default_printer(trainer) -> None:
