@@ -22,6 +22,7 @@ we never hand back a mask we could not check.
 from __future__ import annotations
 
 import bisect
+import functools
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def _renderer(tokenizer, template: str, tools, date) -> Renderer:
 
 
 def _encode_turns(tokenizer, renderer: Renderer, messages, selected: list[int], all_turns: bool) -> Encoded:
-    turns = locate_turns(renderer, messages, selected, tokenize=lambda text: _tokenize(tokenizer, text),
+    turns = locate_turns(renderer, messages, selected, tokenize=_tail_tokenizer(tokenizer),
                          eos=tokenizer.eos_token, all_turns=all_turns)
     end_of_turn = "" if "" in turns.end_of_turn else turns.end_of_turn[-1]
     return _encode(tokenizer, turns.text, turns.spans, end_of_turn)
@@ -147,6 +148,24 @@ def _encode(tokenizer, text: str, spans: list[tuple[int, int]], end_of_turn: str
     if labels.count(IGNORE_INDEX) == len(labels):
         raise UserError("This row has no token to train on.")
     return Encoded(input_ids=ids, labels=labels, end_of_turn=end_of_turn)
+
+
+_TAILS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tail_tokenizer(tokenizer):
+    """`_tokenize` with a memory, for the end-of-turn texts `locate_turns` compares token by token.
+
+    Those texts repeat from row to row (every reply of a ChatML conversation ends in the same
+    `<|im_end|>\n<|im_start|>user\n\ue001...` probe or `<|im_end|>\n` tail), and a call into the tokenizer costs
+    ~35 us however short the text: half of them are answered from here (scripts/bench_data.py measures it).
+    """
+    cached = _TAILS.get(tokenizer)
+    if cached is None:
+        owner = weakref.ref(tokenizer)  # the cache must not keep its tokenizer alive
+        cached = functools.lru_cache(maxsize=4096)(lambda text: _tokenize(owner(), text))
+        _TAILS[tokenizer] = cached
+    return cached
 
 
 def _tokenize(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
