@@ -207,7 +207,8 @@ def build_workload(w: Workload, root: Path, device: str) -> tuple[Path, Path]:
     )
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(w.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device):  # a ~1B model initialises in seconds on a GPU, in minutes on its host's CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model_dir = root / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -294,7 +295,10 @@ def run_one(name: str, cmd: list[str], out: Path, env: dict, device: str, w: Wor
     seconds = last["time"] - first["time"]
     steps = last["step"] - first["step"]
     if device == "cuda":
-        summary = json.loads((out / "summary.json").read_text())
+        from finetune.run.layout import RunDir
+
+        # finetune's run directory (output.dir = out); the TRL baseline writes its summary under the same name
+        summary = json.loads(RunDir(out).summary.read_text())
         peak_bytes = summary.get("peak_gpu_memory_bytes") or float("nan")
     else:
         peak_bytes = usage.ru_maxrss * 1024  # kilobytes on Linux
@@ -434,7 +438,10 @@ def command_for(name: str, row, w: Workload, root: Path, out: Path, paths, env: 
     tool, packing, extra = row
     model_dir, data, recipe = paths
     if tool == "finetune":
-        return [sys.executable, "-m", "finetune", "train", str(recipe), "--set", f"output.dir={out}", *extra], env, None
+        from finetune.run.layout import RunDir
+
+        return ([sys.executable, "-m", "finetune", "train", str(recipe), "--set", f"output.dir={out}", *extra], env,
+                RunDir(out).metrics)
     if tool == "trl":
         baseline = [sys.executable, str(REPO / "scripts" / "bench_trl_baseline.py"), "--model", str(model_dir),
                     "--data", str(data), "--batch", str(w.batch), "--max-length", str(w.max_length),
