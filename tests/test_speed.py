@@ -363,3 +363,37 @@ def test_liger_is_sft_only_and_the_memory_plan_counts_what_it_saves():
         return next(p.bytes for p in estimate(r, shape, device="cuda").parts if p.name == "activations")
 
     assert activations(liger) < 0.8 * activations(recipe())
+
+
+STARTUP_PROBE = """
+import sys
+from finetune.recipe.load import recipe_from_dict
+from finetune.train.startup import OPTIONAL_PACKAGES, skip_unused_packages
+recipe = recipe_from_dict({recipe!r})
+hidden = skip_unused_packages(recipe)
+import peft, trl, accelerate  # what a training process imports; each would import the optional packages itself
+from transformers import AutoModelForCausalLM, Trainer
+print(",".join(sorted(hidden)))
+print(",".join(sorted(n for n in OPTIONAL_PACKAGES if sys.modules.get(n) is not None)))
+"""
+
+
+@pytest.mark.parametrize("adapter, kept", [("lora", set()), ("qlora", {"bitsandbytes", "scipy"})])
+def test_a_training_process_imports_only_the_optional_packages_its_recipe_uses(adapter, kept):
+    # A fresh interpreter, as `finetune train` is: hidden packages must stay out even though accelerate, PEFT,
+    # TRL and transformers import them when installed; the ones the recipe needs must stay importable.
+    import os
+    import subprocess
+    import sys
+
+    data = json.loads(json.dumps(BASE))
+    data["adapter"]["kind"] = adapter
+    out = subprocess.run([sys.executable, "-c", STARTUP_PROBE.format(recipe=data)], capture_output=True, text=True,
+                         env={**os.environ, "FINETUNE_IMPORT_ALL": ""}, check=True)
+    hidden, imported = (set(filter(None, line.split(","))) for line in out.stdout.splitlines()[-2:])
+    assert hidden == {"deepspeed", "bitsandbytes", "wandb", "mlflow", "scipy"} - kept
+    assert imported.isdisjoint(hidden)
+    if kept:
+        import importlib.util
+
+        assert all(importlib.util.find_spec(name) is not None for name in kept)  # installed in this venv
