@@ -49,3 +49,41 @@ def test_only_the_unactionable_messages_are_dropped():
             assert not _emitted(name, prefix + " (rest of the message)")
         assert _emitted(name, "a real warning stays")
     assert _emitted("DeepSpeed.child", "Setting accelerator to CPU")  # only the named logger is filtered
+
+
+def test_lm_eval_outside_a_git_repository_prints_no_git_error(tmp_path, monkeypatch, capfd, torch_one_thread):
+    """lm-eval asks `git describe` about the working directory and let git's "fatal: not a git repository"
+    through to the terminal; capfd sees what child processes write to this process's stderr."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    from finetune.inference.evaluate import run_eval
+
+    monkeypatch.chdir(tmp_path)  # not inside a git repository (the checkout is one)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "capitals.jsonl"
+    data.write_text(json.dumps({"q": "The capital of France is", "choices": [" Paris.", " Rome."], "label": 0}) + "\n")
+    task = tmp_path / "capitals.yaml"
+    task.write_text(
+        f"task: finetune_quiet_capitals\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    results = run_eval("builtin:tiny-llama", lm_eval_tasks=[str(task)], max_rows=1, log=lambda _: None)
+    assert "finetune_quiet_capitals/acc" in next(iter(results.values()))
+    assert "not a git repository" not in capfd.readouterr().err
+
+
+def test_ddp_searches_for_unused_parameters_only_where_a_router_skips_experts():
+    """transformers' default asks DDP to search for unused parameters in any PEFT model, and torch then warns
+    on every rank that there were none; tests/test_distributed.py checks a real 2-process run prints nothing."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, MixtralConfig, Qwen3MoeConfig
+
+    from finetune.train.trainers import skips_parameters
+
+    assert not skips_parameters(SimpleNamespace(config=LlamaConfig()))
+    assert not skips_parameters(None)  # no model given: the dense default
+    assert skips_parameters(SimpleNamespace(config=MixtralConfig())) and skips_parameters(
+        SimpleNamespace(config=Qwen3MoeConfig()))
