@@ -1,10 +1,12 @@
-"""Measure how far a GGUF export's logits are from the model it came from, per quant type.
+"""Measure llama.cpp against transformers on GGUF exports, per architecture and output type.
 
-    python scripts/gguf_roundtrip.py runs/tiny-sft-lora/merged
+    python scripts/gguf_roundtrip.py              # the five tiny models of tests/test_gguf.py, built offline
+    python scripts/gguf_roundtrip.py DIR [DIR...]  # merged or full model directories
 
-Writes each quant type to a temporary file, reads it back with transformers' GGUF loader (an
-independent reader) and prints max/mean abs logit difference and greedy-token agreement on the
-merge verification prompts.
+Each model is written in every output type and loaded in llama.cpp itself (xllamacpp). On the
+prompts of tests/test_gguf.py llama.cpp generates greedily; transformers (fp32) then scores the
+same tokens. Printed per file: tokens compared, how many are transformers' top token, and the
+worst and mean |log p| difference. The tests' limits (LOGPROB_LIMIT) come from this table.
 """
 
 from __future__ import annotations
@@ -13,36 +15,35 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.export.gguf_writer import QUANTS, write_gguf
-from finetune.merge.bake import VERIFY_PROMPTS
+from finetune.export.gguf_writer import QUANTS, write_gguf  # noqa: E402
+from finetune.export.llama_cpp import compare_with_transformers  # noqa: E402
+from tests.test_gguf import build_models, prompts, register_tiny_qwen2  # noqa: E402
 
 
-def main(model_dir: Path) -> None:
-    reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in VERIFY_PROMPTS]
-    print("| quant | file MiB | max abs logit diff | mean abs logit diff | same argmax |")
-    print("|---|---|---|---|---|")
+def main(dirs: list[str]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        for quant in QUANTS:
-            path = write_gguf(model_dir, Path(tmp) / f"m-{quant}.gguf", quant=quant).path
-            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=path.name).eval()
-            diffs, same, total = [], 0, 0
-            for text in texts:
-                ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-                with torch.no_grad():
-                    a, b = reference(ids).logits, model(ids).logits
-                diffs.append((a - b).abs())
-                same += int((a.argmax(-1) == b.argmax(-1)).sum())
-                total += ids.shape[1]
-            flat = torch.cat([d.flatten() for d in diffs])
-            size = path.stat().st_size / 2**20
-            print(f"| {quant} | {size:.2f} | {flat.max():.2e} | {flat.mean():.2e} | {same}/{total} |")
+        if dirs:
+            models = {Path(d).name: Path(d) for d in dirs}
+        else:
+            models = build_models(Path(tmp) / "models")
+            table, digest, entry = register_tiny_qwen2(models["qwen2"])
+            table[digest] = entry
+        print("| model | tokenizer | type | MiB | tokens | same top token | max abs log-prob diff | mean |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, model_dir in models.items():
+            for quant in QUANTS:
+                written = write_gguf(model_dir, Path(tmp) / f"{name}-{quant}.gguf", quant=quant)
+                result = compare_with_transformers(written.path, model_dir, prompts(model_dir), n_predict=12)
+                size = written.path.stat().st_size / 2**20
+                print(f"| {name} ({written.architecture}) | {written.vocab.model}/{written.vocab.pre} | {quant} | "
+                      f"{size:.2f} | {result.positions} | {result.same_top}/{result.positions} | "
+                      f"{result.max_logprob_diff:.1e} | {result.mean_logprob_diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(sys.argv[1:])

@@ -133,30 +133,39 @@ def test_pissa_and_olora_save_plain_lora_for_the_original_base(init, tmp_path, m
         assert_merges(run_dir, tmp_path)
 
 
-def test_loftq_starts_closer_to_the_full_precision_model(torch_one_thread):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loftq_starts_closer_to_the_full_precision_model(seed, torch_one_thread):
+    # Calibrated on 4 rows, measured on 24 others (both drawn with the seed): the mean absolute logit error
+    # to the full-precision model. Measured ratios after/before over seeds 0-5: 0.67-0.74 (r=16, 2 rounds); bound 0.8.
     pytest.importorskip("bitsandbytes")
+    import random
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from finetune.adapters.hooks import apply_loftq
-    from finetune.model.builtin import resolve_model_path
+    from finetune.model.builtin import BUILTIN_DATA_DIR, resolve_model_path
 
     path = resolve_model_path("builtin:tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenizer("The capital of France is Paris. What is 3 plus 4?", return_tensors="pt").input_ids
+    rows = [json.loads(line)["messages"] for line in (BUILTIN_DATA_DIR / "sample_chat.jsonl").read_text().splitlines()]
+    random.Random(seed).shuffle(rows)
+    ids = [tokenizer.apply_chat_template(r, tokenize=True, return_dict=True)["input_ids"] for r in rows[:28]]
+    calibration, held_out = ids[:4], tokenizer.pad({"input_ids": ids[4:]}, return_tensors="pt")
     quantised = AutoModelForCausalLM.from_pretrained(
         path, device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4"),
     )
     # train mode (no dropout here): in eval mode bitsandbytes repacks 4-bit weights for a CPU bf16 kernel
     model = get_peft_model(quantised, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).train()
+    mask = held_out["attention_mask"].bool()
     with torch.no_grad():
-        full = AutoModelForCausalLM.from_pretrained(path)(ids).logits
-        before = (model(ids).logits - full).abs().mean().item()
-        apply_loftq(model, path)
-        after = (model(ids).logits - full).abs().mean().item()
-    assert after < 0.7 * before, (before, after)
+        full = AutoModelForCausalLM.from_pretrained(path)(**held_out).logits
+        before = (model(**held_out).logits - full).abs()[mask].mean().item()
+        apply_loftq(model, path, calibration)
+        after = (model(**held_out).logits - full).abs()[mask].mean().item()
+    assert after < 0.8 * before, (before, after)
 
 
 def test_qlora_loftq_trains_reloads_and_merge_refuses(tmp_path, monkeypatch, torch_one_thread):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,6 @@ from tests.test_train import make_recipe, train
 pytestmark = pytest.mark.slow
 
 QUESTION = "What is the capital of France?"
-# Max abs logit difference, GGUF (read back by transformers) vs the merged model. f32 is bit-exact;
-# f16 rounds every matrix to 11 significant bits, q8_0 to 8-bit blocks of 32 with an f16 scale.
-GGUF_TOLERANCE = {"f32": 1e-5, "f16": 2e-2, "q8_0": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +78,39 @@ def test_merge_shards_and_carries_tokenizer_template_card_and_provenance(merged,
     assert report["max_abs_logit_diff"] < 1e-4 and report["greedy_generations_agree"]
     for name in ("chat_template.jinja", "tokenizer.json", "generation_config.json", "README.md"):
         assert (merged / name).is_file(), name
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert merged.stat().st_mode & 0o777 == 0o777 & ~umask  # not the owner-only mode of its temporary directory
     assert (merged / "provenance/recipe.yaml").read_text() == (run / "recipe.yaml").read_text()
     assert (merged / "provenance/audit.json").is_file()
-    card = (merged / "README.md").read_text()
-    assert card.startswith("---\nbase_model: ") and "greedy generations agree: yes" in card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card = ModelCard.load(merged / "README.md")
+    assert isinstance(card.data, ModelCardData) and card.data.library_name == "transformers"
+    assert card.data.base_model is None  # a local base means nothing to the Hub: named in the text instead
+    assert base_path() in card.text and "passed the limits" in card.text and "finetune-recipes" in card.text
+    assert "pypi.org/project/finetune/" not in card.content
+
+
+def test_cards_have_valid_hub_metadata(run, tmp_path):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import validate_repo_id
+
+    from finetune.run.card import write_card
+    from finetune.run.records import Provenance
+
+    adapter_card = ModelCard.load(run / "adapter" / "README.md")
+    assert adapter_card.data.library_name == "peft" and adapter_card.data.base_model is None
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert len(provenance["base_model"]["sha256"]) == 64  # a local base: identified by its content
+    assert provenance["base_model"]["sha256"][:16] in adapter_card.text
+    provenance["recipe"]["model"]["path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"  # as a run on a Hub base records it
+    provenance["base_model"] = {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "main"}
+    write_card(tmp_path, Provenance.model_validate(provenance), kind="adapter")
+    hub = ModelCard.load(tmp_path / "README.md")
+    validate_repo_id(hub.data.base_model)
+    assert hub.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert ModelCard(hub.content).data.to_dict() == hub.data.to_dict()  # the metadata parses back as written
 
 
 def _adapter_copy(run: Path, tmp_path: Path, base: str, **config) -> Path:
@@ -127,32 +154,7 @@ def test_merge_refuses_adapter_of_another_shape(run, tmp_path):
     assert any("mlp.down_proj.lora_A" in p and "384 inputs" in p and "has 256" in p for p in caught.value.problems)
 
 
-# --- GGUF --------------------------------------------------------------------------------------
-
-
-def _read_gguf(path: Path, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs).eval()
-    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
-
-@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
-def test_gguf_round_trip_through_transformers_reader(merged, tmp_path, quant):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from finetune.export.gguf import export_gguf
-
-    out = export_gguf(merged, quant=quant, out=tmp_path / f"m-{quant}.gguf", log=lambda _: None)
-    model, tokenizer = _read_gguf(out)
-    reference = AutoModelForCausalLM.from_pretrained(merged).eval()
-    ref_tokenizer = AutoTokenizer.from_pretrained(merged)
-    text = ref_tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
-                                             add_generation_prompt=True)
-    assert tokenizer(text).input_ids == ref_tokenizer(text).input_ids  # vocabulary, merges, special tokens
-    assert tokenizer.chat_template == ref_tokenizer.chat_template
-    diff = (logits(model, ref_tokenizer, text) - logits(reference, ref_tokenizer, text)).abs().max().item()
-    assert diff <= GGUF_TOLERANCE[quant], diff
+# --- GGUF (compared with transformers in llama.cpp itself: tests/test_gguf.py) -------------------------
 
 
 def test_export_of_a_run_reuses_its_merge_and_refuses_to_overwrite(run, merged):
@@ -162,31 +164,6 @@ def test_export_of_a_run_reuses_its_merge_and_refuses_to_overwrite(run, merged):
     assert (run / "tuned-q8_0.gguf").stat().st_size > 100_000
     again = run_cli("export", str(run), "--format", "gguf", "--quant", "q8_0")
     assert again.returncode == 2 and "already exists" in again.stderr
-
-
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_gguf_round_trip_qwen(arch, tmp_path, torch_one_thread):
-    """Random tiny Qwen2/Qwen3. head_dim 128 for Qwen3: transformers' GGUF reader ignores attention.key_length
-    and takes Qwen3Config's default (llama.cpp reads it), so only that head size round-trips through it."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
-
-    from finetune.export.gguf_writer import write_gguf
-    from finetune.model.tiny import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    shape = dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=384, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                 tie_word_embeddings=arch == "qwen2", eos_token_id=tokenizer.eos_token_id)
-    config = Qwen2Config(**shape) if arch == "qwen2" else Qwen3Config(**shape, head_dim=128)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    out = write_gguf(tmp_path / "model", tmp_path / f"{arch}.gguf", quant="f32").path
-    loaded, _ = _read_gguf(out)
-    assert loaded.config.model_type == arch
-    assert (logits(loaded, tokenizer) - logits(model, tokenizer)).abs().max().item() < 1e-4
 
 
 def test_gguf_refuses_unsupported_architecture_by_name(tmp_path):
@@ -389,3 +366,39 @@ def test_lm_eval_local_task_runs_on_base_and_tuned(run, tmp_path, monkeypatch):
 def test_bad_input_exits_2_before_loading_a_model(argv, message, tmp_path):
     result = run_cli(*argv, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+# --- merge gate --------------------------------------------------------------------------------
+
+
+def test_merge_over_its_limit_exits_non_zero_and_leaves_nothing(run, tmp_path, monkeypatch):
+    from finetune.merge import bake
+
+    monkeypatch.setitem(bake.GATES, "float32", {"max_abs_logit_diff": 1e-12})  # a limit no real merge meets
+    with pytest.raises(bake.MergeCheckFailed, match=r"max_abs_logit_diff .* \(limit 1e-12\).*Nothing was written"):
+        bake.run_merge(run, out=tmp_path / "m", log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []  # no output, no partial directory
+    with pytest.raises(bake.MergeCheckFailed, match="Kept anyway"):
+        bake.run_merge(run, out=tmp_path / "m", keep_failed=True, log=lambda _: None)
+    report = json.loads((tmp_path / "m/merge_report.json").read_text())
+    assert report["gate"]["passed"] is False and report["top_token_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_merge_passes_its_gate(run, tmp_path, dtype):
+    from finetune.merge.bake import run_merge
+
+    out = run_merge(run, out=tmp_path / "m", dtype=dtype, log=lambda _: None)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["saved_dtype"] == dtype and report["gate"]["passed"], report["gate"]
+
+
+def test_qlora_merge_reports_its_distance_to_the_4bit_model(tmp_path, torch_one_thread):
+    pytest.importorskip("bitsandbytes")
+    from finetune.merge.bake import run_merge
+
+    qlora = train(make_recipe(tmp_path, "q", adapter={"kind": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}))
+    report = json.loads((run_merge(qlora, log=lambda _: None) / "merge_report.json").read_text())
+    trained = report["vs_trained_4bit_model"]
+    assert report["max_abs_logit_diff"] < 1e-3  # the merge itself is exact
+    assert trained["mean_abs_logit_diff"] > 10 * report["mean_abs_logit_diff"]  # 4-bit rounding of the base

@@ -237,7 +237,7 @@ def test_rules_refuse_deepspeed_missing_qlora_zero3_too_many_processes_and_ignor
     err = refused(tmp_path, "train", str(path), hide_deepspeed=True)
     assert "4 problems with this launch; nothing was started" in err
     assert "distributed.strategy: strategy 'deepspeed' needs the deepspeed package" in err
-    assert "Fix: pip install 'finetune[deepspeed]'" in err
+    assert "Fix: pip install 'finetune-recipes[deepspeed]'" in err
     assert f"distributed.num_processes: {cores + 1} CPU processes, but this machine has {cores} core(s)" in err
     assert f"Fix: set num_processes to at most {cores}" in err
     assert "training.optimizer: the DeepSpeed config builds its own optimizer (AdamW" in err

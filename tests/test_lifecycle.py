@@ -153,7 +153,15 @@ def test_sigint_at_step_30_then_resume_lands_where_the_uninterrupted_run_lands(r
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{last}'} (step {last})" in resumed.stderr
     assert_same_run(run_dir, reference)
-    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] == last
+    summary, whole = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    assert summary["resumed_from_step"] == last and [r["step"] for r in summary["resumes"]] == [last]
+    # The counters carry on from the checkpoint, and the summary covers both segments, not the last alone.
+    assert summary["tokens"] == whole["tokens"] and summary["tokens"]["num_trained_tokens"] > 0
+    assert summary["first_and_last"]["loss"] == pytest.approx(whole["first_and_last"]["loss"], rel=1e-5)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    counts = [(r["step"], r["num_trained_tokens"]) for r in metrics if "num_trained_tokens" in r]
+    assert counts == [(r["step"], r["num_trained_tokens"]) for r in expected if "num_trained_tokens" in r]
     assert_no_secret_in(run_dir)
 
 

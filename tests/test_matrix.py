@@ -3,7 +3,7 @@ train -> merge (or its documented refusal) -> export gguf where the kind allows 
 
 Each kind trains once (2 steps on 16 rows of the tiny model) and every later cell reuses that run; the
 commands run in this process through the CLI's Typer app (tests.conftest.invoke_cli), so the ML imports are
-paid once. Cells that cannot work yet are strict xfails: they turn into failures when they start to pass.
+paid once.
 """
 
 from __future__ import annotations
@@ -36,14 +36,6 @@ NOT_MERGEABLE = {  # the documented refusals of `finetune merge` (and so of a GG
     "prompt_tuning": "a prompt tuning adapter cannot be merged: it learns virtual-token embeddings",
     "prefix_tuning": "a prefix tuning adapter cannot be merged: it learns key/value prefixes",
 }
-NO_SHARED_BASE_YET = {"ia3", "adalora", "prompt_tuning", "prefix_tuning"}  # inference.load takes LoRA adapters only
-
-
-def runs_on_inference(kinds):
-    """Parameters for chat/generate/eval: kinds inference cannot load yet are strict xfails."""
-    reason = "issue 14: chat/generate/eval of non-LoRA adapters (IA3, AdaLoRA, prompt/prefix tuning)"
-    return [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=reason)) if k in NO_SHARED_BASE_YET else k
-            for k in kinds]
 
 
 def recipe(tmp: Path, name: str, adapter: dict, **sections) -> Path:
@@ -125,14 +117,14 @@ def test_export_gguf(kind, runs):
     assert run.gguf("f16").read_bytes()[:4] == b"GGUF"
 
 
-@pytest.mark.parametrize("kind", runs_on_inference(KINDS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_chat_one_turn(kind, runs):
     result = check(invoke_cli("chat", runs(kind).root, "--max-new-tokens", "6",
                               input="What is the capital of France?\n/quit\n"), "chat", kind)
     assert result.stdout.strip()
 
 
-@pytest.mark.parametrize("kind", runs_on_inference(KINDS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_generate(kind, runs, prompts, workdir):
     out = workdir / f"generated-{kind}.jsonl"
     check(invoke_cli("generate", runs(kind).root, "--prompts", prompts, "--out", out, "--max-new-tokens", "4"),
@@ -141,7 +133,7 @@ def test_generate(kind, runs, prompts, workdir):
     assert len(rows) == 1 and rows[0]["id"] == 1
 
 
-@pytest.mark.parametrize("kind", runs_on_inference(KINDS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_eval(kind, runs):
     data = REPO / "finetune/resources/data/sample_eval_chat.jsonl"
     result = check(invoke_cli("eval", runs(kind).root, "--base", "--data", data, "--max-rows", "2",

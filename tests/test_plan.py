@@ -13,7 +13,7 @@ import yaml
 
 from finetune.errors import UserError
 from finetune.recipe.load import recipe_from_dict
-from finetune.train.memory import GiB, ModelShape, Sharding, estimate, parse_size, read_shape
+from finetune.train.memory import GiB, ModelShape, Sharding, estimate, parse_size, read_shape, sharding_from_recipe
 from tests.conftest import REPO, run_cli
 
 QLORA_7B = str(REPO / "recipes/7b/qlora.yaml")
@@ -76,20 +76,66 @@ def parts(est) -> dict[str, float]:
 
 def test_estimate_parts_follow_dtype_quantisation_sharding_and_checkpointing():
     full = parts(estimate(recipe({"kind": "full"}), SHAPE_7B, device="cuda"))
-    assert full["weights"] == pytest.approx(SHAPE_7B.params * 2)  # bf16
-    assert full["optimizer"] == pytest.approx(2 * full["gradients"])  # AdamW: two states per gradient
+    assert full["weights"] == pytest.approx(SHAPE_7B.params * 4)  # float32 masters under bf16 autocast
+    assert full["gradients"] == pytest.approx(SHAPE_7B.params * 4)
+    assert full["optimizer"] == pytest.approx(2 * full["gradients"])  # AdamW: two float32 states per gradient
+    pure = parts(estimate(recipe({"kind": "full"}, fp32_master_weights=False), SHAPE_7B, device="cuda"))
+    assert pure["weights"] == pytest.approx(full["weights"] / 2) and pure["optimizer"] == pytest.approx(
+        full["optimizer"] / 2)
     qlora = parts(estimate(recipe({**LORA, "kind": "qlora"}), SHAPE_7B, device="cuda"))
     assert 3.3 * GiB < qlora["weights"] < 4.0 * GiB  # 4-bit linears, bf16 embeddings and head
     sharded = parts(estimate(recipe({"kind": "full"}), SHAPE_7B, device="cuda", sharding=Sharding(8, 3)))
-    assert sharded["weights"] == pytest.approx(full["weights"] / 8)
-    assert sharded["optimizer"] == pytest.approx(full["optimizer"] / 8)
+    assert sharded["weights"] == pytest.approx(SHAPE_7B.params * 2 / 8)  # DeepSpeed's 16-bit weights, sharded
+    assert sharded["optimizer"] == pytest.approx(SHAPE_7B.params * 12 / 8)  # float32 masters + AdamW, sharded
     stage1 = parts(estimate(recipe({"kind": "full"}), SHAPE_7B, device="cuda", sharding=Sharding(8, 1)))
-    assert stage1["weights"] == full["weights"] and stage1["optimizer"] == pytest.approx(full["optimizer"] / 8)
+    assert stage1["weights"] == pytest.approx(SHAPE_7B.params * 2)
+    assert stage1["optimizer"] == pytest.approx(sharded["optimizer"])
     on = estimate(recipe(LORA, gradient_checkpointing=True), SHAPE_7B, device="cuda")
     off = estimate(recipe(LORA), SHAPE_7B, device="cuda")
     assert parts(on)["activations"] < parts(off)["activations"] / 5
     bigger = estimate(recipe(LORA, micro_batch_size=8), SHAPE_7B, device="cuda")
     assert parts(bigger)["activations"] == pytest.approx(2 * parts(off)["activations"], rel=0.05)
+
+
+MODEL_STATES = ("weights", "adapter", "gradients", "optimizer", "gathered layers")
+
+
+@pytest.mark.parametrize("stage, gpus", [(2, 1), (2, 8), (3, 1), (3, 8), (3, 64)])
+def test_zero_model_states_agree_with_deepspeeds_estimator(stage, gpus):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    full = recipe_from_dict({
+        "model": {"path": "x"}, "data": {"train": [{"path": "x"}]}, "method": {"kind": "sft"},
+        "adapter": {"kind": "full"}, "training": {"precision": "bf16"},
+        "distributed": {"strategy": "deepspeed", "zero_stage": stage, "num_processes": gpus},
+    })  # fmt: skip
+    est = estimate(full, SHAPE_7B, device="cuda", sharding=sharding_from_recipe(full, None, None))
+    ours = sum(b for name, b in parts(est).items() if name in MODEL_STATES)
+    params, largest = SHAPE_7B.params, SHAPE_7B.vocab * SHAPE_7B.hidden  # the embedding is the largest layer
+    if stage == 2:
+        _, theirs = estimate_zero2_model_states_mem_needs(params, gpus, 1, cpu_offload=False)
+    else:
+        _, theirs, _ = estimate_zero3_model_states_mem_needs(params, largest, gpus, 1, cpu_offload=False,
+                                                             cpu_offload_params=False)
+    assert 0.9 * theirs <= ours <= 1.1 * theirs, (ours / GiB, theirs / GiB)
+
+
+def test_full_7b_on_one_80gb_gpu_does_not_fit_and_orpo_counts_both_answers():
+    plan = estimate(recipe({"kind": "full"}), SHAPE_7B, device="cuda")
+    assert plan.total > 100 * GiB  # was planned at 50 GiB "FITS": bf16 weights and states, no float32 masters
+    def activations(kind):
+        sft = recipe(LORA)
+        pair = recipe_from_dict({
+            "model": {"path": "x"}, "data": {"train": [{"path": "x", "format": "preference"}]},
+            "method": {"kind": kind}, "adapter": LORA,
+        })  # fmt: skip
+        return parts(estimate(pair, SHAPE_7B, device="cuda"))["activations"], parts(
+            estimate(sft, SHAPE_7B, device="cuda"))["activations"]
+
+    for kind in ("dpo", "orpo"):
+        pair, single = activations(kind)
+        assert pair > 1.8 * single, kind  # chosen and rejected rows run together
 
 
 def test_sizes_parse():

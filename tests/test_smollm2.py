@@ -124,7 +124,7 @@ def test_sft_merge_export_on_the_real_model(exported):
 @pytest.mark.xfail(
     importlib.util.find_spec("xllamacpp") is None,
     strict=True,
-    reason="issue 14 adds xllamacpp (llama.cpp in-process) to the dev extra; until it lands llama.cpp is not installed",
+    reason="llama.cpp (xllamacpp, in the dev and gguf extras) is not installed here",
 )
 def test_llamacpp_runs_the_exported_gguf_like_transformers(exported):
     import xllamacpp

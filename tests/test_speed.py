@@ -68,7 +68,9 @@ def trainer(tmp_path_factory, torch_one_thread):
     path = resolve_model_path(r.model.path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     run_dir = tmp_path_factory.mktemp("speed")
-    train_ds, _ = _build_data(r, tokenizer, run_dir, lambda _: None)
+    from finetune.run.layout import RunDir
+
+    train_ds, _ = _build_data(r, tokenizer, RunDir(run_dir), lambda _: None)
     torch.manual_seed(0)
     peft_config = build_peft_config(r, model_path=path, hidden_size=None, total_steps=None)
     model = load_model(path, r, precision)

@@ -82,7 +82,7 @@ def test_merge_matches_adapter_and_keeps_base_dtype(lora_run, tmp_path):
     provenance = json.loads((out / "provenance.json").read_text())  # the run's provenance travels with the merge
     assert provenance["merge"] == report and provenance["recipe"]["name"] == "lora"
     card = (out / "README.md").read_text()
-    assert "## Verification" in card and "`provenance.json`" in card
+    assert "## Merge check" in card and "`provenance.json`" in card
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.float32
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))

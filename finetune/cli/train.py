@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from finetune.cli.app import SET_HELP, app, examples
-from finetune.errors import UserError
 
 
 @app.command(
@@ -47,21 +46,18 @@ def train(
 
     with interruptible(Stage("reading the recipe", "nothing was written; run the same command again")):
         loaded = load_recipe(recipe, overrides)
-    if loaded.recipe.distributed.strategy != "none":
-        if resume is not None:
-            raise UserError(
-                "--resume: resuming a multi-process run (distributed.strategy: "
-                f"{loaded.recipe.distributed.strategy}) is not supported yet; resume it with "
-                "--set distributed.strategy=none --force on one process, or start a new run"
-            )
-        from finetune.launch.launcher import launch_training
-
-        launch_training(loaded, overwrite=overwrite)  # re-launches through `accelerate launch`
-        return
     from finetune.redact import redact
-    from finetune.train.run import run_training
 
     command = ["finetune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)), "--resume"]
+    if loaded.recipe.distributed.strategy != "none":
+        from finetune.launch.launcher import launch_training
+
+        # re-launches through `accelerate launch`; every process resumes the checkpoint the launcher picked
+        launch_training(loaded, overwrite=overwrite, resume=resume, force=force,
+                        resume_command=shlex.join(redact(command)))
+        return
+    from finetune.train.run import run_training
+
     run_training(
         loaded, overwrite=overwrite, resume=resume, force=force, resume_command=shlex.join(redact(command)),
         ignore_memory_plan=ignore_memory_plan,

@@ -101,7 +101,7 @@ def locate_turns(renderer: Renderer, messages: list[dict], selected: list[int], 
         stop = anchor + 1 + len(closing)
         _check_no_other_message_inside(full, start, stop, i, messages, where)
         spans.append((start - bisect.bisect_left(marks, start), stop - bisect.bisect_left(marks, stop)))
-        closings.append(closing)
+        closings.append(_MARKS.sub("", closing))
     return Turns(plain, spans, closings)
 
 

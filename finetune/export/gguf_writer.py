@@ -1,11 +1,12 @@
 """Export stage: write a merged Llama-family model as one GGUF file with the `gguf` package.
 
 No llama.cpp build: the `gguf` package (llama.cpp's own Python writer) provides the file format,
-the metadata keys, the tensor-name maps and Q8_0 quantisation. What it lacks is the part of
+the metadata keys, the tensor-name maps and the BF16/Q8_0 encodings. What it lacks is the part of
 llama.cpp's `convert_hf_to_gguf.py` that turns a transformers checkpoint into those calls: the
-hyperparameter keys per architecture, the rotary permutation of Llama's q/k weights, the token
-list with token types, and the name of the pre-tokenizer. That part is written here, for the
-architectures listed in ARCHITECTURES only; anything else is refused by name.
+hyperparameter keys per architecture and the rotary permutation of Llama's q/k weights (here),
+and the token list and pre-tokenizer name (gguf_vocab.py). Written for the architectures in
+ARCHITECTURES only; anything else is refused by name. Whether llama.cpp reads the result as
+transformers does is checked in llama.cpp itself (export/llama_cpp.py, tests/test_gguf.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.export.gguf_vocab import Vocab
 
 # transformers model_type -> (llama.cpp architecture name, q/k weights need the rotary permutation)
 # Llama (and Mistral, which llama.cpp runs as llama) rotate interleaved pairs in GGUF; Qwen keeps
@@ -26,19 +28,9 @@ ARCHITECTURES = {
     "qwen3": ("qwen3", False),
 }
 
-QUANTS = ("f32", "f16", "q8_0")
-
-# Split regexes of byte-level BPE tokenizers -> llama.cpp's pre-tokenizer name. llama.cpp picks the
-# regex by this name, so a wrong one silently tokenises text differently from training.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_TOKENIZERS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+QUANTS = ("f32", "f16", "bf16", "q8_0")
+# GGUF general.file_type of each output type (what llama.cpp reports as the model's type)
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
 @dataclass
@@ -49,79 +41,79 @@ class GgufResult:
     architecture: str
     quant: str
     tensors: int
+    vocab: Vocab
 
 
-def write_gguf(model_dir: Path, out: Path, *, quant: str = "f16", log=None,
+def check_exportable(config: dict, tokenizer, where: str | Path) -> Vocab:
+    """Every refusal of an export that needs no weights: architecture, rope scaling, tokenizer.
+
+    Called before an adapter is merged, so a model that cannot be exported costs no merge.
+    """
+    from finetune.export.gguf_vocab import identify
+
+    check_architecture(config, where)
+    return identify(tokenizer, where)
+
+
+def check_architecture(config: dict, where: str | Path) -> None:
+    """The model type and rope scaling must be ones this writer handles."""
+    model_type = config.get("model_type", "?")
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"{where}: GGUF export supports {', '.join(sorted(ARCHITECTURES))} models; this one is "
+            f"{model_type!r} ({', '.join(config.get('architectures') or [])}). Use llama.cpp's "
+            "convert_hf_to_gguf.py for it, or serve the safetensors directory as it is. Nothing was merged or written"
+        )
+    _rope(config)
+
+
+def write_gguf(model_dir: Path, out: Path, *, quant: str = "f16", name: str | None = None,
                metadata: dict[str, str] | None = None) -> GgufResult:
     """Write the transformers checkpoint in `model_dir` (config, safetensors, tokenizer) as GGUF.
 
-    `metadata`: extra string keys for the header (the export's origin, run.records.GGUF_SOURCE_*).
+    The file is written next to `out` under a temporary name and renamed when complete, so a
+    failure never leaves a truncated GGUF behind. `name` is the GGUF general.name (default: the
+    directory's name). `metadata`: extra string keys for the header (the export's origin,
+    run.records.GGUF_SOURCE_*).
     """
     import gguf
+
+    from finetune.export.gguf_vocab import load_tokenizer, write_vocab
 
     if quant not in QUANTS:
         raise UserError(f"--quant: expected one of {', '.join(QUANTS)}, found {quant!r}")
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    model_type = config.get("model_type", "?")
-    if model_type not in ARCHITECTURES:
-        raise UserError(
-            f"{model_dir}: GGUF export supports {', '.join(sorted(ARCHITECTURES))} models; this one is "
-            f"{model_type!r} ({', '.join(config.get('architectures') or [])}). Use llama.cpp's "
-            "convert_hf_to_gguf.py for it, or serve the safetensors directory as it is"
-        )
-    arch, permute = ARCHITECTURES[model_type]
-    pre = _pre_tokenizer(model_dir)
+    check_architecture(config, model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    vocab = check_exportable(config, tokenizer, model_dir)
+    arch, permute = ARCHITECTURES[config["model_type"]]
     out.parent.mkdir(parents=True, exist_ok=True)
-    # use_temp_file: tensors are spooled to disk as they are added, so memory holds one at a time
-    writer = gguf.GGUFWriter(out, arch, use_temp_file=True)
-    _write_hparams(writer, config, model_dir, quant)
-    for key, value in (metadata or {}).items():
-        writer.add_string(key, value)
-    _write_tokenizer(writer, model_dir, config["vocab_size"], pre)
-    count = _write_tensors(writer, model_dir, config, arch, permute, quant)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return GgufResult(out, arch, quant, count)
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        # use_temp_file: tensors are spooled to disk as they are added, so memory holds one at a time
+        writer = gguf.GGUFWriter(partial, arch, use_temp_file=True)
+        _write_hparams(writer, config, name or model_dir.resolve().name, quant)
+        for key, value in (metadata or {}).items():
+            writer.add_string(key, value)
+        write_vocab(writer, tokenizer, model_dir, vocab, config["vocab_size"])
+        count = _write_tensors(writer, model_dir, config, arch, permute, quant)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return GgufResult(out, arch, quant, count, vocab)
 
 
-def _pre_tokenizer(model_dir: Path) -> str:
-    """llama.cpp's pre-tokenizer name for this tokenizer, or a refusal naming what was found."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{model_dir}: no tokenizer.json; GGUF export needs a fast (tokenizers) tokenizer")
-    tokenizer = json.loads(path.read_text(encoding="utf-8"))
-    model = tokenizer.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (tokenizer.get("decoder") or {}).get(
-        "type"
-    ) != "ByteLevel":
-        raise UserError(
-            f"{path}: GGUF export handles byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style); "
-            f"this one is {model.get('type')} with a {(tokenizer.get('decoder') or {}).get('type')} decoder"
-        )
-    pre = tokenizer.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    splits = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
-    if len(splits) == 1 and splits[0] in PRE_TOKENIZERS:
-        return PRE_TOKENIZERS[splits[0]]
-    if [s.get("type") for s in steps] == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        return "smollm"
-    raise UserError(
-        f"{path}: unknown pre-tokenizer {json.dumps(pre)[:200]}; GGUF readers would split text differently "
-        "from training, so the export stops here. Known: GPT-2, Llama 3, Qwen2/3 and SmolLM splits"
-    )
-
-
-def _write_hparams(writer, config: dict, model_dir: Path, quant: str) -> None:
+def _write_hparams(writer, config: dict, name: str, quant: str) -> None:
     import gguf
 
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(model_dir.resolve().name)
+    writer.add_name(name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -134,8 +126,7 @@ def _write_hparams(writer, config: dict, model_dir: Path, quant: str) -> None:
     writer.add_rope_freq_base(_rope(config).get("rope_theta", 10000.0))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
-    file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}[quant]
-    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[quant]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -178,35 +169,6 @@ def llama3_rope_factors(config: dict):
             smooth = (old_context / wavelen - low) / (high - low)
             factors.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(factors, dtype=np.float32)
-
-
-def _write_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
-    """Token list and types as llama.cpp's converter writes them; merges, special ids and template via SpecialVocab."""
-    import gguf
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:  # the embedding is larger than the vocabulary (padded to a multiple)
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    special.add_to_gguf(writer, quiet=True)
-    if special.chat_template is None and tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
 
 
 def _write_tensors(writer, model_dir: Path, config: dict, arch: str, permute: bool, quant: str) -> int:
@@ -255,6 +217,9 @@ def _add_tensor(writer, name: str, data, quant: str) -> None:
 
     if data.ndim < 2 or quant == "f32":
         writer.add_tensor(name, data.astype(np.float32))
+    elif quant == "bf16":
+        packed = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.BF16)
+        writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
     elif quant == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
         packed = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
         writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from finetune.inference.load import BASE, Loaded, Sampling, prompt_text
+from finetune.inference.load import BASE, Loaded, Sampling, prompt_text, stop_ids
 
 HELP = (
     "commands: /adapter NAME (switch adapter), /base (adapters off), /adapters (list), "
@@ -18,8 +18,6 @@ HELP = (
 
 def run_chat(loaded: Loaded, sampling: Sampling, *, system: str | None = None, stdin=None, stdout=None, log=None):
     """The read-reply loop; returns when input ends or on /quit."""
-    from transformers import TextStreamer
-
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     active = loaded.adapters[0] if loaded.adapters else BASE
@@ -59,11 +57,28 @@ def run_chat(loaded: Loaded, sampling: Sampling, *, system: str | None = None, s
                 log(f"unknown command {command}; {HELP}")
             continue
         history.append({"role": "user", "content": text})
-        streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _ReplyStreamer(loaded.tokenizer, stop_ids(loaded), skip_prompt=True, skip_special_tokens=False)
         streamer.on_finalized_text = _printer(stdout)
         with loaded.use(active):
             [reply] = _reply(loaded, history, sampling, system, streamer)
         history.append({"role": "assistant", "content": reply})
+
+
+def _ReplyStreamer(tokenizer, stops: set[int], **kwargs):
+    """transformers' TextStreamer that shows added special tokens (a trained `<tool_call>`) but not the tokens that
+    end or pad the reply, as `decode_reply` does for generate and eval."""
+    import torch
+    from transformers import TextStreamer
+
+    class ReplyStreamer(TextStreamer):
+        def put(self, value):
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                return super().put(value)
+            kept = [token for token in value.reshape(-1).tolist() if token not in stops]
+            if kept:
+                super().put(torch.tensor(kept))
+
+    return ReplyStreamer(tokenizer, **kwargs)
 
 
 def _printer(stdout):

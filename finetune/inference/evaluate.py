@@ -137,6 +137,7 @@ def mean_loss(loaded: Loaded, dataset, batch_size: int = 8) -> tuple[float, int]
             mask[i, : len(row_ids)] = 1
         with torch.no_grad():
             logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device)).logits.float()
+        logits = logits[:, -ids.shape[1] :]  # prompt tuning returns logits for its virtual tokens first
         shifted = labels[:, 1:].to(loaded.device)
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum"
@@ -254,9 +255,10 @@ def run_eval(
         section = source.recipe.data
     else:
         specs, section = [], None
+    held_out = not data and source.recipe is not None and source.recipe.data.eval_fraction is not None
     if with_base and not source.adapters and source.original_base is None:
         raise UserError(f"--base: {spec} is a plain model; there is no base to compare it with")
-    if not specs and tasks_file is None and not lm_eval_tasks:
+    if not specs and not held_out and tasks_file is None and not lm_eval_tasks:
         where = "the run's recipe has no data.eval" if source.recipe is not None else f"{spec} is not a run"
         raise UserError(f"nothing to evaluate: {where}; pass --data FILE (loss) and/or --tasks FILE (prompt/answer)")
     max_length = source.recipe.training.max_length if source.recipe is not None else 2048
@@ -264,10 +266,17 @@ def run_eval(
 
     loaded = load(source, extra_adapters, log=log)
     dataset = loss_dataset(loaded, specs, section, max_length) if specs else None
+    rows = _rows(specs)
+    if held_out:  # the rows training held out (data.eval_fraction), found again the way training split them
+        held, where = held_out_rows(loaded, source.recipe)
+        dataset = held if dataset is None else _concatenate(dataset, held)
+        rows += [row for row in _rows(source.recipe.data.train) if row.where in where]
+        if log:
+            log(f"evaluating on the {len(held)} rows training held out (data.eval_fraction)")
     if tasks_file is not None:
         tasks = read_tasks(tasks_file, max_rows)
     else:  # chat rows of the loss data double as prompt/answer tasks: the last assistant turn is the answer
-        tasks = [t for row in _rows(specs) if (t := task_from_row(row.data, row.where)) and row.data.get("messages")]
+        tasks = [t for row in rows if (t := task_from_row(row.data, row.where)) and row.data.get("messages")]
     results: dict[str, dict] = {}
     if source.adapters or not with_base:
         for name in models_to_compare(loaded, with_base):
@@ -291,6 +300,33 @@ def run_eval(
             model = loaded if label != "base" or source.adapters else base
             results[label].update(run_lm_eval(model, name, lm_eval_tasks, max_rows, batch_size))
     return results
+
+
+def held_out_rows(loaded: Loaded, recipe):
+    """The training rows held out for eval by data.eval_fraction, encoded as training encoded them, and where they are.
+
+    Training holds out a seeded random share of each train dataset's rows (data.mix.hold_out); encoding the same
+    data with the same recipe and seed picks the same rows again.
+    """
+    from finetune.data.mix import concatenate_and_shuffle, hold_out
+    from finetune.data.pipeline import encode_dataset
+    from finetune.data.sources import resolve_sources
+
+    parts = []
+    for i, spec in enumerate(recipe.data.train):
+        key = f"data.train[{i}]"
+        rows, _ = encode_dataset(spec, key, resolve_sources(spec, key), section=recipe.data, tokenizer=loaded.tokenizer,
+                                 template=loaded.tokenizer.chat_template, max_length=recipe.training.max_length,
+                                 preference=False)
+        parts.append(hold_out(rows, recipe.data.eval_fraction, recipe.training.seed, i)[1])
+    held = concatenate_and_shuffle(parts, None)
+    return held.select_columns(["input_ids", "labels"]), set(held["source"])
+
+
+def _concatenate(first, second):
+    from finetune.data.mix import concatenate_and_shuffle
+
+    return concatenate_and_shuffle([first, second], None)
 
 
 def _rows(specs):

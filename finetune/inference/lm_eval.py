@@ -15,8 +15,8 @@ def check_lm_eval() -> None:
     """Fail before any model loads when the harness is not installed."""
     if importlib.util.find_spec("lm_eval") is None:
         raise UserError(
-            "--lm-eval: the lm-evaluation-harness is not installed; install it with: pip install 'finetune[eval]' "
-            "(its stock tasks download their datasets from the Hugging Face Hub)"
+            "--lm-eval: the lm-evaluation-harness is not installed; install it with: "
+            "pip install 'finetune-recipes[eval]' (its stock tasks download their datasets from the Hugging Face Hub)"
         )
 
 

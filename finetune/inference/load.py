@@ -1,8 +1,11 @@
-"""Load a model for chat, generate and eval: one base in memory, any number of named LoRA adapters on it.
+"""Load a model for chat, generate and eval: one base in memory, any number of named adapters on it.
 
 A source is a run directory, a merged or full model directory, an adapter directory, or a model
-spec (local path, Hub id, builtin:tiny-llama). Adapters go on the base with PEFT's
-`load_adapter`, are switched with `set_adapter`, and are bypassed with `disable_adapter()`.
+spec (local path, Hub id, builtin:tiny-llama). Adapters of every kind PEFT runs (LoRA and its
+variants, AdaLoRA, IA³, prompt and prefix tuning) go on the base with PEFT's `load_adapter`, are
+switched with `set_adapter`, and are bypassed with `disable_adapter()`. PEFT holds several adapters
+on one base only when they are of one kind ("Cannot combine adapters with different peft types"),
+so a mix is refused before any weight loads.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from finetune.errors import UserError
 
 BASE = "base"  # the label of the base model (adapters disabled) in outputs and tables
+PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"}
 
 
 @dataclass
@@ -130,11 +134,21 @@ def load(source: Source, extra_adapters: list[tuple[str, Path]] = (), *, log=Non
 
         refuse_offline_hub(source.base, "the base model")
         raise UserError(f"{source.base}: cannot load the model: {str(exc).splitlines()[0]}") from None
+    kinds = {name: str(read_adapter_config(path).get("peft_type", "LORA")).upper() for name, path in adapters}
+    if len(set(kinds.values())) > 1:
+        found = ", ".join(f"{name} is {kind}" for name, kind in kinds.items())
+        raise UserError(
+            f"--adapter: PEFT keeps several adapters on one base only when they are of one kind ({found}); "
+            "load adapters of other kinds in a separate `finetune chat`/`generate`/`eval`"
+        )
     for name, path in adapters:
-        peft_type = str(read_adapter_config(path).get("peft_type", "LORA")).upper()
-        if peft_type != "LORA":
-            raise UserError(f"adapter {name} ({path}): only LoRA adapters can share one base; this is {peft_type}")
-        check_adapter_matches_base(path, config, source.base)
+        if kinds[name] in PROMPT_LEARNING:  # virtual tokens, no base module weights
+            width = read_adapter_config(path).get("token_dim")  # prefix tuning's is the key/value width instead
+            if kinds[name] == "PROMPT_TUNING" and width and width != config.hidden_size:
+                raise UserError(f"adapter {name} ({path}): its virtual tokens are {width} wide, the base "
+                                f"{source.base} is {config.hidden_size}; it was trained on another model")
+        else:
+            check_adapter_matches_base(path, config, source.base)
     if log:
         log(f"loading {source.base}" + (f" with adapters {', '.join(n for n, _ in adapters)}" if adapters else ""))
     model = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype, revision=source.revision)
@@ -185,6 +199,21 @@ class Sampling:
         return {**args, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
+def stop_ids(loaded: Loaded) -> set[int]:
+    """Tokens that end a reply (eos, the template's end of turn in generation_config) or pad it."""
+    tokenizer, config = loaded.tokenizer, getattr(loaded.model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(eos if isinstance(eos, list) else [eos])}
+    return {i for i in ids if i is not None}
+
+
+def decode_reply(loaded: Loaded, ids: list[int]) -> str:
+    """The reply up to its first stop token, special tokens kept: a trained `<tool_call>` must reach the output."""
+    stops = stop_ids(loaded)
+    end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
+    return loaded.tokenizer.decode(ids[:end], skip_special_tokens=False).strip()
+
+
 def generate_texts(loaded: Loaded, texts: list[str], sampling: Sampling, streamer=None) -> list[str]:
     """Continue each text (a left-padded batch) and return only the new text of each."""
     import torch
@@ -194,4 +223,4 @@ def generate_texts(loaded: Loaded, texts: list[str], sampling: Sampling, streame
     with torch.no_grad():
         out = loaded.model.generate(**inputs, **sampling.kwargs(tokenizer), streamer=streamer)
     new = out[:, inputs["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return [decode_reply(loaded, row.tolist()) for row in new]

@@ -11,6 +11,7 @@ can wait for it and end with a plain message when a worker stops on bad input.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -137,17 +138,25 @@ _LAUNCHER_NOISE = re.compile(r"^([WEI]\d{4} \d\d:\d\d:\d\d|Traceback \(most rece
 
 
 def run_command(argv: list[str], env: dict[str, str], *, error_file: Path | None = None) -> int:
-    """Run the launcher in the foreground, pass its output on, and return its exit code.
+    """Run the launcher, pass its output on, and return its exit code (128 + signal after a signal).
 
-    Ctrl-C in a terminal reaches the launcher and this process alike; this one ignores it and waits
-    while the launcher stops its workers (killing the launcher instead would orphan them). SIGTERM,
-    as a job scheduler sends it, is passed on. When a worker stopped on bad input and said why in
-    `error_file`, the launcher's own logs and traceback about that exit are held back: the user gets
-    the message, not a traceback. A real crash still shows everything.
+    The launcher runs in its own session, so Ctrl-C in a terminal reaches this process only, and this
+    process passes SIGINT (and a scheduler's SIGTERM) to the training processes themselves: each then
+    saves a checkpoint at the step boundary all of them agree on (train.callbacks.StopOnSignal) and exits.
+    Signalling torch's launcher instead would make it pass the signal on a second time, which the workers
+    take for "stop at once, without a checkpoint". A second signal from the user is passed on the same way.
+    When a worker said why it stopped in `error_file` (bad input, or an interruption with the command that
+    resumes), the launcher's own logs and traceback about that exit are held back. A real crash still shows
+    everything.
     """
-    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
-    handlers = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: lambda *_: process.terminate()}
-    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        _signal_workers(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     held: list[str] = []
     try:
         for line in process.stderr:
@@ -161,37 +170,71 @@ def run_command(argv: list[str], env: dict[str, str], *, error_file: Path | None
             signal.signal(sig, handler)
     if held and not (code and error_file is not None and error_file.is_file()):
         sys.stderr.writelines(held)
-    return code
+    return 128 + received[0] if received and code else code
+
+
+def _signal_workers(launcher_pid: int, signum: int) -> None:
+    """Send a signal to the training processes under the launcher (not the launcher itself)."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in children or []:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signum)
 
 
 def launch_training(
-    loaded: LoadedRecipe, *, overwrite: bool = False, runner: Runner | None = None, log=None,
-    machine: Machine | None = None,
+    loaded: LoadedRecipe, *, overwrite: bool = False, resume: str | None = None, force: bool = False,
+    resume_command: str | None = None, runner: Runner | None = None, log=None, machine: Machine | None = None,
 ) -> Path:
     """Check the launch, write the resolved recipe and launch files into the run dir, then run it.
 
+    `resume` (a checkpoint, a run dir, or checkpoints.LATEST) is resolved here, once, so every process
+    resumes the same checkpoint; `force` resumes despite recipe or data changes (each process checks).
+    `resume_command` is what an interrupted run tells the user to type.
     `runner(argv, env) -> exit code` starts the command (default: run_command); tests pass a recorder.
     Everything that can be refused is refused before the run directory is created.
     """
     from finetune.redact import redact
-    from finetune.run.checkpoints import write_atomic
+    from finetune.run.checkpoints import resolve_resume, write_atomic
     from finetune.run.lock import check_claimable, claim_run_dir
 
     log = log or stderr
     recipe = loaded.recipe
     run_dir = Path(recipe.run_dir)
-    check_claimable(run_dir, overwrite=overwrite, resume=False)  # before the machine (torch) is looked at
+    resuming = resume is not None
+    check_claimable(run_dir, overwrite=overwrite, resume=resuming)  # before the machine (torch) is looked at
     plan = prepare_launch(loaded, machine)
-    lock = claim_run_dir(run_dir, overwrite=overwrite, resume=False, log=log)  # held until the workers end
+    lock = claim_run_dir(run_dir, overwrite=overwrite, resume=resuming, log=log)  # held until the workers end
     try:
+        if resume is not None:
+            checkpoint = resolve_resume(resume, run_dir, log).resolve()
+            plan.argv += ["--resume", str(checkpoint)] + (["--force"] if force else [])
+        if resume_command:
+            plan.env["FINETUNE_RESUME_COMMAND"] = resume_command
         recipe_yaml = yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
         write_atomic(RunDir(run_dir).recipe, recipe_yaml)
-        return _launch(plan, run_dir, runner, log)
+        return _launch(plan, run_dir, runner, log, resume_command)
     finally:
         lock.release()
 
 
-def _launch(plan, run_dir: Path, runner, log) -> Path:
+def _stopped(run: RunDir, code: int, resume_command: str | None) -> str:
+    """What to say when the processes stopped on a signal without saying it themselves."""
+    from finetune.run.checkpoints import list_checkpoints
+
+    complete = list_checkpoints(run.checkpoints)[0]
+    saved = f"the latest complete checkpoint is {complete[-1]}" if complete else "no checkpoint was saved"
+    how = f"Resume with:\n  {resume_command}" if complete and resume_command else "start it again"
+    return f"{signal.Signals(code - 128).name}: training stopped; {saved}. {how}"
+
+
+def _launch(plan, run_dir: Path, runner, log, resume_command: str | None = None) -> Path:
+    from finetune.train.interrupt import RunInterrupted
+
     run = RunDir(run_dir)
     # an earlier run's (--overwrite clears them too; a bare `finetune train` never reaches here over a run)
     for path in (run.accelerate_config, run.deepspeed_config, run.launch_script, run.launch_error):
@@ -204,8 +247,11 @@ def _launch(plan, run_dir: Path, runner, log) -> Path:
     runner = runner or functools.partial(run_command, error_file=error_file)
     code = runner(plan.argv, {**os.environ, **plan.env})
     if code:
-        if error_file.is_file():  # a worker met bad input (a data row, a path) and said what
-            raise UserError(f"training stopped: {error_file.read_text(encoding='utf-8').strip()}")
+        said = error_file.read_text(encoding="utf-8").strip() if error_file.is_file() else ""
+        if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the user or a scheduler stopped the run
+            raise RunInterrupted(said or _stopped(run, code, resume_command), exit_code=code)
+        if said:  # a worker met bad input (a data row, a path) and said what
+            raise UserError(f"training stopped: {said}")
         raise LaunchFailed(
             f"the training processes failed (exit code {code}); their messages are above. "
             f"The same launch again: bash {run.launch_script}"

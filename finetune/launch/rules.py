@@ -166,7 +166,7 @@ RULES = [
         "distributed.strategy",
         lambda c: c.d.strategy == "deepspeed" and not c.machine.deepspeed_installed,
         "strategy 'deepspeed' needs the deepspeed package, which is not installed",
-        "pip install 'finetune[deepspeed]'",
+        "pip install 'finetune-recipes[deepspeed]'",
         local=True,
     ),
     Rule(
@@ -240,6 +240,14 @@ RULES = [
         "CPU Adam), so training.optimizer '{c.recipe.training.optimizer}' would be ignored",
         "use training.optimizer: adamw_torch, or turn off offload_optimizer (drop the optimizer section of a "
         "named JSON)",
+    ),
+    Rule(
+        "adapter.kind",
+        lambda c: c.recipe.adapter.kind == "adalora" and c.d.strategy in ("deepspeed", "fsdp"),
+        "AdaLoRA's rank allocation and orthogonality penalty run outside {c.d.strategy}'s engine: they read whole "
+        "parameters and gradients, which ZeRO/FSDP hold as shards (empty on most processes under ZeRO-3), and add "
+        "a backward pass the engine does not reduce",
+        "use distributed.strategy: ddp for AdaLoRA, or adapter.kind: lora with {c.d.strategy}",
     ),
     Rule(
         "adapter.quant_storage",

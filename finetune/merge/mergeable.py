@@ -15,6 +15,11 @@ _NOT_WEIGHTS = {
 _KINDS = {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING"}
 
 
+def mergeable(kind: str, init: str | None = None) -> bool:
+    """Whether a run with this adapter.kind (and adapter.init) has an adapter `finetune merge` can bake in."""
+    return kind != "full" and kind not in _KINDS and init != "loftq"
+
+
 def refuse_unmergeable(source: Path, adapter_dir: Path, *, kind: str | None = None, peft_type: str | None = None,
                        init: str | None = None) -> None:
     """Raise a UserError saying why this adapter cannot be merged and what to do instead; else return.

@@ -39,10 +39,7 @@ def resolve_precision(recipe: Recipe) -> Precision:
         )
     if precision == "bf16" and not bf16_ok:
         raise UserError("training.precision: this GPU has no bf16 support; use fp16 or fp32")
-    dtype_name = recipe.model.dtype
-    if dtype_name == "auto":
-        dtype_name = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
-    load_dtype = getattr(torch, dtype_name)
+    load_dtype = getattr(torch, load_dtype_name(recipe, precision))
     if precision == "fp16" and recipe.adapter.kind == "full" and load_dtype == torch.float16:
         raise UserError(
             "model.dtype: full fine-tuning with float16 weights and fp16 precision cannot keep fp32 master "
@@ -56,12 +53,27 @@ def resolve_precision(recipe: Recipe) -> Precision:
     )
 
 
+def load_dtype_name(recipe: Recipe, precision: str) -> str:
+    """The dtype the base weights load in, for a resolved precision (bf16, fp16 or fp32).
+
+    model.dtype auto: the compute dtype for a frozen base (LoRA, QLoRA: half the memory), but float32 for full
+    fine-tuning with fp32_master_weights, so the optimizer updates float32 weights while autocast computes in
+    bf16/fp16 (what transformers' Trainer does with bf16=True and float32 weights). Trained adapter weights and
+    modules_to_save are kept float32 after the model is wrapped (adapters.hooks.keep_fp32_masters).
+    """
+    if recipe.model.dtype != "auto":
+        return recipe.model.dtype
+    if recipe.adapter.kind == "full" and recipe.training.fp32_master_weights:
+        return "float32"
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+
+
 def check_quantisation_available(recipe: Recipe) -> None:
     """QLoRA needs bitsandbytes; say which extra installs it before anything heavy starts."""
     if recipe.adapter.kind == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
             "adapter.kind: 'qlora' needs the bitsandbytes package, which is not installed; "
-            "install it with: pip install 'finetune[qlora]'"
+            "install it with: pip install 'finetune-recipes[qlora]'"
         )
 
 
@@ -120,7 +132,9 @@ def load_model(path: str, recipe: Recipe, precision: Precision, *, revision: str
     }
     if recipe.adapter.kind == "qlora":
         kwargs["quantization_config"] = _bnb_config(recipe, precision)
-        kwargs["device_map"] = {"": 0} if precision.device == "cuda" else {"": "cpu"}
+        placement = quantized_placement(precision.device)
+        if placement is not None:
+            kwargs["device_map"] = placement
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
@@ -135,6 +149,24 @@ def load_model(path: str, recipe: Recipe, precision: Precision, *, revision: str
     # Training with the KV cache on makes packed rows attend to each other (see ENV.md) and wastes memory.
     model.config.use_cache = False
     return model
+
+
+def quantized_placement(device: str) -> dict | None:
+    """Where a 4-bit model loads (bitsandbytes quantises while loading, so it needs a device_map).
+
+    One device per process: a launched run's process loads onto its own GPU (LOCAL_RANK), never all onto
+    GPU 0. Under DeepSpeed ZeRO-3 none is given: zero.Init places the shards, and transformers refuses a
+    device_map there (the launch rules say where QLoRA + ZeRO-3 can run: launch.rules).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return None
+    if device == "cuda":
+        import os
+
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
 
 
 def _bnb_config(recipe: Recipe, precision: Precision):

@@ -611,7 +611,17 @@ class TrainingSection(Section):
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
-        description="Mixed precision. 'auto': bf16 on a GPU that supports it, else fp32 (always on a CPU).",
+        description="Mixed precision. 'auto': bf16 on a GPU that supports it, else fp32 (always on a CPU). "
+        "bf16/fp16 compute under autocast; trained weights and optimizer states stay float32 (see "
+        "fp32_master_weights).",
+    )
+    fp32_master_weights: bool = Field(
+        True,
+        description="With bf16/fp16: keep the trained weights, their gradients and the optimizer states in float32 "
+        "(full fine-tuning loads the model in float32; adapters and modules_to_save train in float32), as mixed "
+        "precision is meant to work. false (bf16 only) trains the weights themselves in bfloat16: weights and "
+        "optimizer states take half the memory, but updates smaller than bf16's ~3 significant digits are rounded "
+        "away, a known cause of stalled or degraded fine-tunes.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30% slower."
@@ -886,6 +896,14 @@ class Recipe(Section):
             )
         )
         rules += _speed_rules(self)
+        rules.append(
+            (
+                not t.fp32_master_weights and t.precision not in ("bf16", "auto"),
+                "training.fp32_master_weights",
+                "false trains weights in bf16, so it needs training.precision bf16 (fp16 weights cannot be trained "
+                "without float32 masters: the gradient scaler refuses them)",
+            )
+        )
         check_rules(rules)
         return self
 
@@ -907,7 +925,27 @@ def _adapter_rules(recipe: Recipe) -> list[tuple[bool, str, str]]:
             f"adds tokens whose embeddings must be trained, but adapter.kind: {kind} freezes every model weight; "
             "use kind: lora with modules_to_save: [embed_tokens, lm_head], or kind: full",
         ),
+        (
+            prompt_learning and _padding_free(recipe),
+            "method.packing" if recipe.method.kind == "sft" and recipe.method.packing else "training.batching",
+            f"puts several rows into one sequence, which adapter.kind: {kind} cannot keep apart (PEFT drops the "
+            "position_ids that separate them, so rows attend to each other and the loss is wrong); set "
+            "method.packing: false and training.batching: padded or grouped, or use kind: lora",
+        ),
     ]
+
+
+def _padding_free(recipe: Recipe) -> bool:
+    """Whether SFT batches concatenate rows (packing, or batching padding_free; auto picks it with flash-attn 2).
+
+    The same decision as train.sft_options.resolve_batching, which imports this module.
+    """
+    if recipe.method.kind != "sft":
+        return False
+    batching = recipe.training.batching
+    if batching == "auto":
+        batching = "padding_free" if recipe.model.attn_implementation == "flash_attention_2" else "padded"
+    return recipe.method.packing or batching == "padding_free"
 
 
 def _speed_rules(recipe: Recipe) -> list[tuple[bool, str, str]]:

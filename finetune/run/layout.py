@@ -39,8 +39,9 @@ LAUNCH_SCRIPT = "launch.sh"
 LAUNCH_ERROR = "error.txt"
 MODEL_CARD = "README.md"
 CHECKPOINT_MARKER = "finetune_checkpoint.json"
+CHECKPOINT_ADALORA_STATE = "adalora_state.pt"  # AdaLoRA: unpruned adapter, rank pattern, allocator (adapters.hooks)
 TRACKER_DIRS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlruns"}
-GGUF_QUANTS = ("f16", "q8_0", "f32")  # the quants `finetune export` writes (export.gguf_writer.QUANTS)
+GGUF_QUANTS = ("f16", "bf16", "q8_0", "f32")  # the quants `finetune export` writes (export.gguf_writer.QUANTS)
 # Files the libraries write into an adapter or a model directory (named here so the resolver reads one list).
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -73,7 +74,8 @@ CONTENTS = (
           "trained one into a plain LoRA on the original base", "train (adapters.hooks)", "train (saving)"),
     Entry(f"{MODEL}/", "the fully fine-tuned model, tokenizer, chat template, model card", "train (adapter.kind: full)",
           "export, chat, generate, eval, a later run's model.path"),
-    Entry(f"{CHECKPOINTS}/checkpoint-N/", f"resumable checkpoints, each committed by {CHECKPOINT_MARKER}", "train",
+    Entry(f"{CHECKPOINTS}/checkpoint-N/", f"resumable checkpoints, each committed by {CHECKPOINT_MARKER} "
+          f"(AdaLoRA ones also hold {CHECKPOINT_ADALORA_STATE})", "train",
           "train --resume, chat/generate/eval/merge of a checkpoint"),
     Entry(f"{MERGED}/", f"the adapter baked into its base: weights, tokenizer, {MERGE_REPORT} (with the adapter's "
           f"sha256), {PROVENANCE}, {MERGED_BUNDLE}/, {MODEL_CARD}", "merge (export merges first when it is missing "

@@ -1,4 +1,4 @@
-"""Provenance of a run: what produced it, on what, from which data.
+"""Provenance of a run: what produced it, on what base (revision or content hash), from which data.
 
 `<run>/provenance.json` (records.Provenance) is written when the run starts (status "running") and
 rewritten when it ends (completed, interrupted, failed, or stopped before its first step, with
@@ -23,6 +23,7 @@ from finetune.recipe.schema import Recipe
 from finetune.run.layout import MergedDir, RunDir
 from finetune.run.records import (
     RUNNING,
+    BaseIdentity,
     MergeReport,
     Provenance,
     StartRecord,
@@ -70,6 +71,30 @@ def git_revision(directory: Path) -> dict[str, Any] | None:
     return {"repository": root, "revision": revision, "dirty": dirty}
 
 
+def base_identity(weights: str, revision: str | None, name: str | None = None) -> BaseIdentity:
+    """What the base weights are: a Hub id and its revision, or a local model's content sha256 (config and weights).
+
+    `weights` is what the run loads (model.start.Start.base: through earlier runs to the true base);
+    `name` is how the recipe named it, when it named it directly (builtin:tiny-llama rather than the cache path).
+    Hashing reads every weight file once (~1 GB/s: seconds for a 7B model), so a card can say exactly which
+    local weights an adapter belongs to.
+    """
+    import hashlib
+
+    from finetune.model.builtin import resolve_model_path
+    from finetune.run.layout import MODEL_CONFIG
+
+    path = Path(resolve_model_path(weights))
+    if not path.is_dir():
+        return BaseIdentity(id=name or weights, revision=revision or "main")
+    if not (path / MODEL_CONFIG).is_file():
+        return BaseIdentity(path=name or str(path))
+    digest = hashlib.sha256()
+    for file in sorted([path / MODEL_CONFIG, *path.glob("*.safetensors"), *path.glob("*.bin")]):
+        digest.update(f"{file.name}:{sha256_file(file)}\n".encode())
+    return BaseIdentity(path=name or weights, sha256=digest.hexdigest())
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "finetune": __version__}
     for name in PACKAGES:
@@ -104,7 +129,8 @@ def hardware() -> dict[str, Any]:
 
 
 def start_provenance(recipe: Recipe, source: Path | None, data: list[dict[str, Any]], *,
-                     resumed_from: str | None, start: StartRecord | None = None) -> Provenance:
+                     resumed_from: str | None, start: StartRecord | None = None,
+                     base: BaseIdentity | None = None) -> Provenance:
     """The provenance of a run as it starts; `finish_provenance` completes it."""
     return Provenance(
         finetune_version=__version__,
@@ -115,6 +141,7 @@ def start_provenance(recipe: Recipe, source: Path | None, data: list[dict[str, A
         git=git_revision(source.resolve().parent) if source else None,
         resumed_from=resumed_from,
         start=start,
+        base_model=base,
         recipe=recipe.model_dump(mode="json"),
         data=data,
         packages=package_versions(),

@@ -45,10 +45,19 @@ class Record(BaseModel):
     format_version: int = FORMAT_VERSION
 
 
-class Summary(Record):
-    """summary.json: the outcome of a finished run.
+class ResumePoint(BaseModel):
+    """One resume of a run: the step it continued from, and when (UTC)."""
 
-    Extra keys are the trainer's own metrics (train_loss, train_runtime, ...), which differ by method.
+    step: int
+    at: str
+
+
+class Summary(Record):
+    """summary.json: the outcome of a finished run, over all its segments when it was resumed.
+
+    train_seconds, tokens and first_and_last cover the whole run; resumes lists every resume point.
+    Extra keys are the trainer's own metrics (train_loss, train_runtime, ...), which differ by method and
+    cover the last segment only.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -56,6 +65,8 @@ class Summary(Record):
     method: str
     train_seconds: float
     global_step: int
+    tokens: dict[str, int] | None = None  # num_trained_tokens, num_input_tokens, num_tokens (SFT)
+    resumes: list[ResumePoint] = []
     final_loss: float | None = None
     eval_loss: float | None = None
     eval_perplexity: float | None = None
@@ -75,6 +86,22 @@ class StartRecord(BaseModel):
     sha256: str | None = None  # for start_from merged: the adapter sha256 its merge report records
 
 
+class LogitDistance(BaseModel):
+    """How far one model's logits are from another's, over the attended positions of the verification prompts."""
+
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    top_token_agreement: float  # share of positions where both put the same token on top
+
+
+class MergeGate(BaseModel):
+    """The limits of the saved dtype (merge.bake.GATES) and which the merge missed."""
+
+    limits: dict[str, float]
+    passed: bool
+    failed: list[str] = []
+
+
 class MergeReport(Record):
     """merged/merge_report.json: what was merged into what, and how the saved model compares."""
 
@@ -89,10 +116,22 @@ class MergeReport(Record):
     saved_dtype: str
     max_abs_logit_diff: float
     mean_abs_logit_diff: float
+    top_token_agreement: float | None = None  # None in reports from before the merge check gated
     greedy_generations_agree: bool
+    gate: MergeGate | None = None  # None in reports from before the merge check gated
+    vs_trained_4bit_model: LogitDistance | None = None  # QLoRA: the merge against the 4-bit base + adapter
     prompts: list[str] = []
     merged_generations: list[str] = []
     weight_files: list[str] = []
+
+
+class BaseIdentity(BaseModel):
+    """Which base weights a run trained on: a Hub id at a revision, or a local model's content sha256."""
+
+    id: str | None = None  # Hub id
+    revision: str | None = None  # Hub revision ("main" when the recipe names none)
+    path: str | None = None  # local directory
+    sha256: str | None = None  # over config.json and the weight files (provenance.base_identity)
 
 
 class Provenance(Record):
@@ -107,6 +146,7 @@ class Provenance(Record):
     git: dict[str, Any] | None = None
     resumed_from: str | None = None
     start: StartRecord | None = None
+    base_model: BaseIdentity | None = None  # the true base (through earlier runs), identified
     steps_done: int = 0  # optimizer steps trained when the record was written
     recipe: dict[str, Any]
     data: list[dict[str, Any]]

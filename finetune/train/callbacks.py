@@ -58,7 +58,7 @@ class StopOnSignal(TrainerCallback):
         self.request = request
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.request.requested:
+        if self.request.agree():  # every process of a launched run decides the same, at the same step
             control.should_save = True
             control.should_training_stop = True
 

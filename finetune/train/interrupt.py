@@ -34,6 +34,26 @@ class StopRequest:
         """Whether a stop was asked for."""
         return self.signum is not None
 
+    def agree(self) -> bool:
+        """Whether any process of the run was asked to stop; then this one takes the same signal.
+
+        Called by every process at each step boundary (StopOnSignal): one collective, so all processes stop
+        at the same step even when a signal reaches them at different times, or reaches only some of them.
+        One process: no collective, just `requested`.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.requested
+        import torch
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        signum = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        if signum.item() and self.signum is None:
+            self.signum = int(signum.item())  # another process's signal: stop with it, reported the same way
+        return self.requested
+
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""

@@ -29,7 +29,7 @@ from finetune.run import records
 from finetune.run.checkpoints import check_resume, checkpoint_step, resolve_resume, trim_metrics, write_atomic
 from finetune.run.layout import RunDir
 from finetune.run.lock import claim_run_dir
-from finetune.run.provenance import finish_provenance, hash_data, start_provenance
+from finetune.run.provenance import base_identity, finish_provenance, hash_data, start_provenance
 from finetune.train.checks import check_disk, plan_disk
 from finetune.train.interrupt import RunInterrupted, StopRequest
 from finetune.train.trackers import tracker_env
@@ -121,7 +121,7 @@ class RunLifecycle:
         self.recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False, allow_unicode=True)
         self.provenance = start_provenance(
             self.recipe, self.loaded.source, self.data, resumed_from=str(self.checkpoint) if self.checkpoint else None,
-            start=_start_record(self.start),
+            start=_start_record(self.start), base=self._base_identity() if self.main else None,
         )
         self.provenance.steps_done = self.resumed_step or 0
         if not self.main:
@@ -129,6 +129,13 @@ class RunLifecycle:
         write_atomic(self.run.recipe, self.recipe_yaml)
         trim_metrics(self.run.metrics, self.resumed_step)
         records.write_provenance(self.run.provenance, self.provenance)
+
+    def _base_identity(self) -> records.BaseIdentity:
+        """The true base this run trains on (through earlier runs), by Hub revision or content hash."""
+        if self.start is not None:  # named as the recipe names it, unless it was reached through an earlier run
+            name = None if self.start.run is not None else self.recipe.model.path
+            return base_identity(self.start.base, self.start.revision, name)
+        return base_identity(self.recipe.model.path, self.recipe.model.revision)
 
     def _record(self, status: str, metrics: dict[str, Any] | None = None) -> None:
         self.provenance.steps_done = max(self.steps_done, self.resumed_step or 0)
@@ -147,6 +154,7 @@ class RunLifecycle:
             result = trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
         state = trainer.state
         if stop.requested and state.global_step < state.max_steps:
+            _wait_for_all_processes()  # the main process has committed the checkpoint once all are here
             saved = self.run.checkpoint(state.global_step)
             self._record(records.INTERRUPTED, {"global_step": state.global_step, "checkpoint": str(saved)})
             raise RunInterrupted(
@@ -205,3 +213,11 @@ def schedule(recipe: Recipe, trainer) -> tuple[int, int]:
     t = recipe.training
     per_epoch = math.ceil(math.ceil(len(trainer.train_dataset) / t.micro_batch_size) / t.gradient_accumulation_steps)
     return t.max_steps or math.ceil(per_epoch * t.epochs), per_epoch
+
+
+def _wait_for_all_processes() -> None:
+    """A barrier in a launched run (every process stops at the same, agreed step); nothing in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

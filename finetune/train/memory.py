@@ -68,9 +68,15 @@ class Sharding:
 
     processes: int = 1
     zero_stage: int = 0  # 0: DDP (replicated), 1: optimizer, 2: + gradients, 3 (ZeRO-3/FSDP): + weights
+    engine: str = "auto"  # deepspeed, fsdp, ddp or none; auto: deepspeed when zero_stage is set
+    offload_optimizer: bool = False  # DeepSpeed keeps optimizer states (and their float32 masters) in CPU memory
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.engine == "deepspeed" or (self.engine == "auto" and self.zero_stage > 0)
 
     def describe(self) -> str:
-        if self.processes == 1:
+        if self.processes == 1 and not self.deepspeed:
             return "1 process"
         how = "DDP, replicated" if self.zero_stage == 0 else f"ZeRO-{self.zero_stage}/FSDP-style sharding"
         return f"{self.processes} processes, {how}"
@@ -196,9 +202,12 @@ def sharding_from_recipe(recipe: Recipe, processes: int | None, zero_stage: int 
     stage = getattr(section, "zero_stage", None)
     strategy = str(getattr(section, "strategy", "none")).lower()
     if not isinstance(stage, int):
-        match = re.search(r"zero[_-]?([123])", strategy)
+        match = re.search(r"zero[_-]?([123])", f"{strategy} {getattr(section, 'config', '')}")
         stage = int(match.group(1)) if match else 3 if "fsdp" in strategy else 0
-    return Sharding(processes=processes or found, zero_stage=stage if zero_stage is None else zero_stage)
+    engine = strategy if strategy in ("deepspeed", "fsdp", "ddp") else "auto"
+    offload = bool(getattr(section, "offload_optimizer", False)) or "offload" in str(getattr(section, "config", ""))
+    return Sharding(processes=processes or found, zero_stage=stage if zero_stage is None else zero_stage,
+                    engine=engine, offload_optimizer=offload)
 
 
 def estimate(recipe: Recipe, shape: ModelShape, *, device: str, sharding: Sharding | None = None,
@@ -216,9 +225,10 @@ def estimate(recipe: Recipe, shape: ModelShape, *, device: str, sharding: Shardi
     compute = _compute_dtype(recipe, device)
     a = DTYPE_BYTES[compute]
     lora = recipe.adapter if isinstance(recipe.adapter, LoraFields) else None
-    parts, notes = _state_parts(recipe, shape, sharding, _load_dtype(recipe, compute), notes=[])
+    parts, notes = _state_parts(recipe, shape, sharding, _load_dtype(recipe, compute), compute, notes=[])
 
-    rows = 2 * batch if recipe.method.kind == "dpo" else batch  # DPO runs chosen and rejected together
+    # DPO and ORPO run chosen and rejected together: twice the rows per micro batch
+    rows = 2 * batch if recipe.method.kind in ("dpo", "orpo") else batch
     parts.append(Part("activations", _activations(shape, recipe, rows, a, ckpt, lora),
                       f"{rows} × {t.max_length} tokens × {shape.layers} layers, "
                       f"{'with' if ckpt else 'without'} gradient checkpointing, {compute}"))
@@ -227,50 +237,86 @@ def estimate(recipe: Recipe, shape: ModelShape, *, device: str, sharding: Shardi
     return Estimate(parts, device, batch, t.max_length, ckpt, notes)
 
 
-def _state_parts(recipe: Recipe, shape: ModelShape, sharding: Sharding, load: str, notes: list[str]):
-    """Weights, trainable parameters, gradients and optimizer states, sharded as the processes split them."""
+def _state_parts(recipe: Recipe, shape: ModelShape, sharding: Sharding, load: str, compute: str, notes: list[str]):
+    """Weights, trainable parameters, gradients and optimizer states, as the run holds them (docs/memory.md).
+
+    Without DeepSpeed, bf16/fp16 runs compute under autocast on float32 trained weights (fp32_master_weights):
+    4 bytes of weights, 4 of gradients and 8 of AdamW states per trained parameter. DeepSpeed keeps 16-bit
+    weights and gradients for the forward and backward, and float32 gradients, masters and AdamW states in its
+    optimizer: 2 + 2 + 4 + 4 + 8 bytes, sharded by stage as estimate_zero2/3_model_states_mem_needs count them
+    (ZeRO-2 shards all but the 16-bit weights; ZeRO-3 shards all of it and holds no 16-bit gradients;
+    ZeRO-1 shards the optimizer's float32 part).
+    """
     n = sharding.processes
     shard = {k: (n if sharding.zero_stage >= s else 1) for k, s in (("optim", 1), ("grads", 2), ("weights", 3))}
     adapter = recipe.adapter
     lora = adapter if isinstance(adapter, LoraFields) else None
+    half = compute != "float32"
     if adapter.kind == "qlora":
         # 4-bit linears: 0.5 byte plus block constants (fp32 per 64, or 8-bit per 64 + fp32 per 16,384).
         per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if adapter.double_quant else 4 / 64)
-        weights = shape.linear_params * per_param + shape.embedding_params * DTYPE_BYTES[load]
+        frozen = shape.linear_params * per_param + shape.embedding_params * DTYPE_BYTES[load]
         how = (f"{_count(shape.linear_params)} linear in 4-bit {adapter.quant_type} + "
                f"{_count(shape.embedding_params)} embedding/head/norm in {load}")
     else:
-        weights = shape.params * DTYPE_BYTES[load]
+        frozen = shape.params * DTYPE_BYTES[load]
         how = f"{_count(shape.params)} parameters in {load}"
-    parts = [Part("weights", weights / shard["weights"], how + _sharded(shard["weights"]))]
 
-    if lora is None:
-        trainable, train_dtype = shape.params, load
+    if lora is None and adapter.kind == "full":
+        trainable = shape.params
+    elif lora is None:
+        trainable = 0  # IA3, prompt and prefix tuning: too few to show
     else:
         trainable, unknown = _lora_params(shape, lora)
         if unknown:
             notes.append(f"adapter.target_modules {unknown} are not Llama-style linear names; not counted")
-        # PEFT upcasts the adapters of a 16-bit base to fp32; TRL casts QLoRA adapters to bf16.
-        train_dtype = "bfloat16" if adapter.kind == "qlora" else "float32"
-    tb = DTYPE_BYTES[train_dtype]
-    if lora is not None:
-        parts.append(Part("adapter", trainable * tb / shard["weights"],
-                          f"{_count(trainable)} trainable in {train_dtype} (r={lora.r})" + _sharded(shard["weights"])))
-    parts.append(Part("gradients", trainable * tb / shard["grads"],
-                      f"one per trainable parameter, {train_dtype}" + _sharded(shard["grads"])))
+    pure = half and not recipe.training.fp32_master_weights
+    master = 2 if pure else 4  # bytes per trained weight as the optimizer updates it
+    deepspeed = sharding.deepspeed and half and trainable
+    parts = []
+    if adapter.kind == "full":
+        # The model is what trains: its weights are the trained weights.
+        per_weight = 2 if deepspeed or pure else 4  # float32 masters are the weights themselves without DeepSpeed
+        what = "16-bit (DeepSpeed; float32 masters in the optimizer)" if deepspeed else _bytes_name(per_weight)
+        parts.append(Part("weights", trainable * per_weight / shard["weights"],
+                          f"{_count(trainable)} parameters in {what}" + _sharded(shard["weights"])))
+    else:
+        parts.append(Part("weights", frozen / shard["weights"], how + _sharded(shard["weights"])))
+        if trainable:
+            per_weight = 2 if deepspeed or pure else 4
+            what = "16-bit (DeepSpeed)" if deepspeed else _bytes_name(per_weight)
+            parts.append(Part("adapter", trainable * per_weight / shard["weights"],
+                              f"{_count(trainable)} trained in {what}" + (f" (r={lora.r})" if lora else "")
+                              + _sharded(shard["weights"])))
+    if not trainable and adapter.kind != "full":
+        return parts, notes
+    # DeepSpeed: float32 gradients for the optimizer, and below ZeRO-3 the 16-bit ones the backward writes
+    grad_bytes = (4 + (2 if sharding.zero_stage < 3 else 0)) if deepspeed else master
+    grad_shard = shard["grads"] if not (deepspeed and sharding.zero_stage == 1) else 1
+    parts.append(Part("gradients", trainable * grad_bytes / grad_shard,
+                      ("16-bit + float32 copies (DeepSpeed)" if deepspeed else f"one per trained parameter, "
+                       f"{_bytes_name(master)}") + _sharded(grad_shard)))
     if n > 1 and sharding.zero_stage == 0:
-        parts.append(Part("DDP buckets", trainable * tb, "DDP's gradient buckets, a second copy of the gradients"))
-    states, state_bytes = {"adamw_torch": (2, tb), "adamw_torch_fused": (2, tb), "adamw_8bit": (2, 1),
+        parts.append(Part("DDP buckets", trainable * master, "DDP's gradient buckets, a second copy of the gradients"))
+    states, state_bytes = {"adamw_torch": (2, master), "adamw_torch_fused": (2, master), "adamw_8bit": (2, 1),
                            "sgd": (0, 0)}[recipe.training.optimizer]
-    parts.append(Part("optimizer", trainable * states * state_bytes / shard["optim"],
-                      f"{recipe.training.optimizer}: {states} state(s) of {state_bytes} byte(s) per trainable "
-                      "parameter" + _sharded(shard["optim"])))
-    if sharding.zero_stage == 3 and n > 1:
-        layer = weights / shape.layers / n * (n - 1)
-        parts.append(Part("gathered layers", 2 * layer, "ZeRO-3/FSDP: two layers' full weights gathered at once"))
+    optimizer = trainable * (states * state_bytes + (4 if deepspeed else 0))  # DeepSpeed's float32 masters
+    where = "in CPU memory (offload_optimizer), not on the device" if sharding.offload_optimizer else ""
+    parts.append(Part("optimizer", 0 if sharding.offload_optimizer else optimizer / shard["optim"],
+                      f"{recipe.training.optimizer}: {states} state(s) of {state_bytes} byte(s) per trained parameter"
+                      + (" + float32 masters (DeepSpeed)" if deepspeed else "") + (f"; {where}" if where else "")
+                      + _sharded(shard["optim"])))
+    if sharding.zero_stage == 3:
+        largest = max(shape.vocab * shape.hidden, *(i * o for i, o in shape.linears().values()))
+        parts.append(Part("gathered layers", 4 * largest, f"ZeRO-3/FSDP: the largest layer ({_count(largest)} "
+                          "parameters) gathered whole, 4 bytes each, as DeepSpeed's estimator counts it"))
     if recipe.method.kind == "dpo" and lora is None:
-        parts.append(Part("reference model", weights / shard["weights"], "DPO without an adapter keeps a frozen copy"))
+        parts.append(Part("reference model", frozen / shard["weights"], "DPO without an adapter keeps a frozen copy"))
     return parts, notes
+
+
+def _bytes_name(per_param: float) -> str:
+    return {4: "float32", 2: "bfloat16", 1: "8-bit"}.get(round(per_param), f"{per_param:g} bytes each")
 
 
 def _lora_params(shape: ModelShape, lora: LoraFields) -> tuple[int, list[str]]:
@@ -289,7 +335,12 @@ def _compute_dtype(recipe: Recipe, device: str) -> str:
 
 
 def _load_dtype(recipe: Recipe, compute: str) -> str:
-    return compute if recipe.model.dtype == "auto" else recipe.model.dtype
+    """As model.load.load_dtype_name: full fine-tuning with float32 masters loads in float32."""
+    if recipe.model.dtype != "auto":
+        return recipe.model.dtype
+    if recipe.adapter.kind == "full" and recipe.training.fp32_master_weights:
+        return "float32"
+    return compute
 
 
 def _lora_targets(shape: ModelShape, lora: LoraFields) -> tuple[list[tuple[int, int]], list[str]]:

@@ -115,7 +115,10 @@ def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks, sta
 
     if change := describe_reward_change(summary.model_dump()):
         log(change)
-    log(f"done: {artifact}" + (f"; next: finetune merge {run_dir.root}" if recipe.adapter.kind != "full" else ""))
+    from finetune.merge.mergeable import mergeable
+
+    then = "merge" if mergeable(recipe.adapter.kind, getattr(recipe.adapter, "init", None)) else "chat"
+    log(f"done: {artifact}; next: finetune {then} {run_dir.root}")
     return run_dir.root
 
 
@@ -216,12 +219,17 @@ def _save_outputs(
         from finetune.train.preference import describe_reference
 
         metrics = {**metrics, "reference_model": describe_reference(trainer, recipe)}
-    history = trainer.state.log_history
+    from finetune.train.bookkeeping import find_bookkeeping
+
+    history = trainer.state.log_history  # the whole run's: a resume restores the checkpoint's history
     last_eval = next((r for r in reversed(history) if "eval_loss" in r), None)
+    book = find_bookkeeping(trainer.callback_handler.callbacks)
     summary = records.Summary(
         method=recipe.method.kind,
-        train_seconds=round(seconds, 2),
+        train_seconds=round(book.seconds() if book else seconds, 2),
         global_step=trainer.state.global_step,
+        tokens={k: v for k, v in book.tokens.items() if v} or None if book else None,
+        resumes=book.resumes if book else [],
         final_loss=next((r["loss"] for r in reversed(history) if "loss" in r), None),
         eval_loss=last_eval["eval_loss"] if last_eval else None,
         eval_perplexity=math.exp(min(last_eval["eval_loss"], 50.0))
@@ -237,7 +245,13 @@ def _save_outputs(
 
 
 def _metric_summary(trainer) -> dict:
-    from finetune.train.progress import MetricsLog
+    """First and last logged values of the losses and rewards, over the whole run (across resumes)."""
+    from finetune.train.progress import PREFERENCE_KEYS
 
-    logs = [c for c in trainer.callback_handler.callbacks if isinstance(c, MetricsLog)]
-    return logs[0].summary() if logs else {}
+    keys = ["loss", "eval_loss", *PREFERENCE_KEYS, *("eval_" + k for k in PREFERENCE_KEYS)]
+    seen: dict[str, dict[str, float]] = {}
+    for record in trainer.state.log_history:
+        for key in keys:
+            if isinstance(record.get(key), int | float):
+                seen.setdefault(key, {"first": record[key]})["last"] = record[key]
+    return {"first_and_last": seen}

@@ -23,20 +23,26 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
+from finetune.train.bookkeeping import RunBookkeeping, find_bookkeeping
+
 
 class FastSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss skips what the recipe does not ask for, and which counts trained tokens.
 
     Logs `num_trained_tokens` (labels that carry loss) and `num_input_tokens` (every position, padding
     included) next to TRL's `num_tokens` (non-padding), all cumulative, so throughput can be read off
-    metrics.jsonl.
+    metrics.jsonl. The counts live in the run's `RunBookkeeping`, which checkpoints carry, so they continue
+    after a resume.
     """
 
     def __init__(self, *args, lm_head: str = "chunked", token_metrics: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.lm_head = lm_head
         self.token_metrics = token_metrics
-        self._token_counts = {"num_trained_tokens": 0, "num_input_tokens": 0}
+        self.bookkeeping = find_bookkeeping(self.callback_handler.callbacks)
+        if self.bookkeeping is None:  # a trainer built without finetune's callbacks
+            self.bookkeeping = RunBookkeeping()
+            self.add_callback(self.bookkeeping)
         if lm_head == "chunked" and not token_metrics:
             # Patch again over TRL's head, asking for log-probabilities only; the forward without
             # `fused_lm_head=True` still reaches the model's own.
@@ -60,7 +66,12 @@ class FastSFTTrainer(SFTTrainer):
         if self.model.training:
             self._count_tokens(inputs)
         if not self._lean_loss_applies(return_outputs):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # TRL counts num_tokens itself: carry the run's count through its counter
+            self._total_train_tokens = self.bookkeeping.tokens["num_tokens"]
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.model.training:
+                self.bookkeeping.tokens["num_tokens"] = self._total_train_tokens
+            return result
         inputs["use_cache"] = False
         if self.lm_head == "full_logits":
             # transformers' Trainer: the model's forward with labels computes the shifted cross-entropy,
@@ -80,10 +91,9 @@ class FastSFTTrainer(SFTTrainer):
         counts = torch.stack([(inputs["labels"][..., 1:] != -100).sum(), torch.tensor(inputs["input_ids"].numel(),
                               device=inputs["input_ids"].device)])
         trained, total = self.accelerator.gather_for_metrics(counts.unsqueeze(0)).sum(0).tolist()
-        self._token_counts["num_trained_tokens"] += trained
-        self._token_counts["num_input_tokens"] += total
-        for key, value in self._token_counts.items():
-            self._metrics["train"][key] = [value]
+        self.bookkeeping.add_tokens(num_trained_tokens=trained, num_input_tokens=total)
+        for key in ("num_trained_tokens", "num_input_tokens"):
+            self._metrics["train"][key] = [self.bookkeeping.tokens[key]]
 
     def _count_real_tokens(self, inputs) -> None:
         # TRL's `num_tokens` (non-padding tokens), as its own compute_loss records it.
@@ -91,8 +101,8 @@ class FastSFTTrainer(SFTTrainer):
             local = inputs["attention_mask"].sum()
         else:
             local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
-        self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
-        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        self.bookkeeping.add_tokens(num_tokens=self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size)
+        self._metrics["train"]["num_tokens"] = [self.bookkeeping.tokens["num_tokens"]]
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset

@@ -19,9 +19,9 @@ from finetune.recipe.schema import Recipe
 from finetune.redact import redact
 from finetune.run.layout import RunDir
 
-PACKAGES = {"wandb": ("wandb", "pip install 'finetune[wandb]'"),
-            "tensorboard": ("tensorboard", "pip install 'finetune[tensorboard]'"),
-            "mlflow": ("mlflow", "pip install 'finetune[mlflow]'")}
+PACKAGES = {"wandb": ("wandb", "pip install 'finetune-recipes[wandb]'"),
+            "tensorboard": ("tensorboard", "pip install 'finetune-recipes[tensorboard]'"),
+            "mlflow": ("mlflow", "pip install 'finetune-recipes[mlflow]'")}
 
 
 def _wandb_has_key() -> bool:

@@ -69,9 +69,10 @@ EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # Mixt
 
 
 def _callbacks(run_dir: Path):
+    from finetune.train.bookkeeping import RunBookkeeping
     from finetune.train.progress import MetricsLog, ProgressDisplay
 
-    return [ProgressDisplay(), MetricsLog(RunDir(run_dir).metrics)]
+    return [RunBookkeeping(), ProgressDisplay(), MetricsLog(RunDir(run_dir).metrics)]
 
 
 def _quiet_default_printer(trainer) -> None:
