@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -88,6 +89,37 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
         timeout=timeout,
         env=os.environ.copy(),
     )
+
+
+# What libraries print that no user can act on: Python warnings from library code (FutureWarning,
+# DeprecationWarning, PeftWarning, ...), DeepSpeed's accelerator guess and its [WARNING] lines, TorchScript
+# notices, git's complaint inside lm-eval, torch's DDP note about unused parameters.
+LIBRARY_NOTICE = re.compile(
+    r"\w+Warning: |\bis deprecated\b|Setting (ds_)?accelerator|\[WARNING\]|torch\.jit|TorchScript|"
+    r"fatal: not a git repository|find_unused_parameters"
+)
+
+
+def library_notices(output: str) -> list[str]:
+    """The lines of a command's output that are library notices (LIBRARY_NOTICE) rather than our own lines."""
+    return [line for line in output.splitlines() if LIBRARY_NOTICE.search(line)]
+
+
+@pytest.fixture(scope="session")
+def quickstart_train(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README quickstart's training, run once per session and shared: recipes/tiny/sft_lora.yaml as shipped,
+    through the console entry point. Returns the run directory and the finished command (its stderr)."""
+    tmp = tmp_path_factory.mktemp("quickstart")
+    run = tmp / "tiny-sft-lora"
+    result = run_cli("train", str(REPO / "recipes/tiny/sft_lora.yaml"), "--set", f"output.dir={run}", cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    return run, result
+
+
+@pytest.fixture(scope="session")
+def quickstart(quickstart_train) -> Path:
+    """The run directory of the README quickstart (quickstart_train)."""
+    return quickstart_train[0]
 
 
 def run_cli_light(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -2,25 +2,53 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import warnings
 
 import pytest
 
 from finetune.logs import UNACTIONABLE, drop_unactionable_lines
-from tests.conftest import run_cli
-
-# Lines that libraries print on import or on every call and that no user can act on.
-NOISE = ["Setting accelerator to CPU", "Setting ds_accelerator", "[WARNING]",
-         "FutureWarning", "DeprecationWarning", "is deprecated"]
+from tests.conftest import REPO, library_notices, run_cli
 
 
-def test_a_real_command_prints_no_library_notices(tmp_path):
-    pytest.importorskip("deepspeed")  # installed, it is imported by transformers and logs its accelerator guess
-    result = run_cli("tiny-model", str(tmp_path / "tiny"))
+def test_the_readme_quickstart_commands_print_only_our_lines(quickstart_train):
+    """The README's first command line (train, merge --overwrite, eval --base), as a user runs it. With the dev
+    extra installed, transformers imports DeepSpeed, which logs its accelerator guess. The GGUF export of the
+    same run is checked in tests/test_gguf.py, a multi-process launch in test_distributed.py."""
+    run, train = quickstart_train
+    assert library_notices(train.stderr) == [] and "done: " in train.stderr
+    merge = run_cli("merge", str(run), "--overwrite")
+    assert merge.returncode == 0, merge.stderr
+    assert library_notices(merge.stderr) == [] and "passes the merge check" in merge.stderr
+    evaluated = run_cli("eval", str(run), "--base")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert library_notices(evaluated.stdout + evaluated.stderr) == [] and "perplexity" in evaluated.stdout
+
+
+def test_adalora_training_prints_no_warning_about_its_pruned_ranks(tmp_path):
+    """AdaLoRA prunes some modules to rank 0; PEFT's save (of every checkpoint and of the adapter) then warned
+    about unsaved DeepSpeed/FSDP shards, which AdaLoRA never runs under."""
+    result = run_cli("train", str(REPO / "recipes/tiny/sft_adalora.yaml"), "--set", "training.max_steps=3",
+                     "--set", f"output.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    output = result.stdout + result.stderr
-    assert [line for line in output.splitlines() if any(n in line for n in NOISE)] == []
-    assert "wrote a tiny llama model" in output
+    assert library_notices(result.stderr) == [], result.stderr
+    ranks = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())["rank_pattern"]
+    assert any(not any(mask) for mask in ranks.values()), ranks  # a module was pruned to rank 0: PEFT's case
+
+
+def test_the_pruned_rank_filter_keeps_every_other_peft_warning():
+    from peft.utils.warning import PeftWarning
+
+    from finetune.adapters.hooks import ignore_pruned_ranks
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ignore_pruned_ranks()
+        warnings.warn("Adapter 'default': 2 LoRA tensor(s) have invalid shape: q_proj.lora_A:(0, 128)", PeftWarning,
+                      stacklevel=1)
+        warnings.warn("Adapter 'default': a real problem", PeftWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["Adapter 'default': a real problem"]
 
 
 def _emitted(logger_name: str, message: str) -> bool:
