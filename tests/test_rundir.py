@@ -108,6 +108,19 @@ def test_an_unfinished_run_says_why_it_has_no_adapter(tmp_path):
         resolve(str(run_dir))
 
 
+@pytest.mark.parametrize("command", ["merge", "chat", "export"])
+def test_a_directory_with_only_a_starter_recipe_is_named_a_recipe_not_an_unfinished_run(command, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert invoke_cli("init").returncode == 0  # writes ./recipe.yaml, as a new user's first step does
+    argv = [command, "."] + (["--format", "vllm"] if command == "export" else [])
+    result = invoke_cli(*argv, input="/quit\n")
+    assert result.returncode == 2, result.stderr
+    assert "holds recipe.yaml but is not a run directory" in result.stderr, result.stderr
+    assert "finetune train recipe.yaml" in result.stderr and "did the run finish" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
 # --- one trained run, shared --------------------------------------------------------------------------------
 
 
