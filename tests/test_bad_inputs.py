@@ -1,7 +1,9 @@
-"""The bad-inputs corpus (tests/bad_inputs/cases.yaml) through the real command line.
+"""The bad-inputs corpus (tests/bad_inputs/cases.yaml) through the command line's Typer app.
 
 Every case must end with exit 2, name its place (key path with file:line, the --set argument, or the
-data file's file:line), print no traceback, and leave the directory exactly as it was.
+data file's file:line), print no traceback, and leave the directory exactly as it was. The cases run in
+this process (tests.conftest.invoke_cli: the entry point's parsing and error handling, without a new
+interpreter per case); tests/test_cli.py runs refusals through the console entry point in a fresh process.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, invoke_cli
 
 CORPUS = yaml.safe_load((REPO / "tests/bad_inputs/cases.yaml").read_text(encoding="utf-8"))
 DEFAULTS = CORPUS["defaults"]
@@ -53,13 +55,14 @@ def test_corpus_is_large_and_names_a_place_in_every_case():
 
 
 @pytest.mark.parametrize("case", CORPUS["cases"], ids=lambda case: case["id"])
-def test_bad_input_is_refused_with_its_place_and_nothing_written(case, tmp_path):
+def test_bad_input_is_refused_with_its_place_and_nothing_written(case, tmp_path, monkeypatch):
     write_case(case, tmp_path)
     before = snapshot(tmp_path)
     argv = [*COMMANDS[case.get("command", "validate")], "recipe.yaml"]
     for item in case.get("set", []):
         argv += ["--set", item]
-    result = run_cli(*argv, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = invoke_cli(*argv)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     for expected in case["expect"]:

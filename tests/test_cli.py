@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, run_cli_light
 
-HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "deepspeed", "accelerate")
 RECIPE = str(REPO / "recipes/tiny/sft_lora.yaml")
 
 
@@ -28,18 +25,9 @@ RECIPE = str(REPO / "recipes/tiny/sft_lora.yaml")
     ids=lambda a: " ".join(a[:1]),
 )
 def test_light_commands_import_no_ml_stack(argv, tmp_path):
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code = (
-        "import sys\n"
-        f"sys.argv = ['finetune', *{argv!r}]\n"
-        "from finetune.cli import main\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True
-    )
-    assert out.stdout.strip().splitlines()[-1] == "HEAVY="
+    result = run_cli_light(*(a.replace("{tmp}", str(tmp_path)) for a in argv), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY="
 
 
 def test_validate_prints_resolved_recipe():

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from finetune.recipe import load_recipe
-from tests.conftest import run_cli
+from tests.conftest import library_notices, run_cli
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
@@ -97,6 +97,9 @@ def test_ddp_two_processes_match_one_process_and_only_the_main_one_writes(tmp_pa
     run_dir, stderr = launch(make_recipe(tmp_path, "ddp", 4, {"strategy": "ddp"}))
     assert_agrees(losses(run_dir), reference)
     assert stderr.count(f"step 1/{STEPS} ") == 1 and stderr.count("data data.train[0]") == 1, stderr
+    # Nothing from the libraries, e.g. torch's find_unused_parameters warning, once per rank, when DDP searches
+    # every step for unused parameters in a model that has none.
+    assert library_notices(stderr) == [], stderr
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == STEPS
     assert len(json.loads((run_dir / "audit.json").read_text())["datasets"]) == 1
     assert PeftConfig.from_pretrained(run_dir / "adapter").r == 8

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from finetune.errors import UserError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, library_notices, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -188,16 +188,6 @@ def test_pre_tokenizer_is_found_by_llama_cpps_hash(models):
         identify(tokenizer, "x")
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The README quickstart's run: recipes/tiny/sft_lora.yaml as shipped, through the CLI."""
-    tmp = tmp_path_factory.mktemp("quickstart")
-    run = tmp / "tiny-sft-lora"
-    result = run_cli("train", str(REPO / "recipes/tiny/sft_lora.yaml"), "--set", f"output.dir={run}", cwd=tmp)
-    assert result.returncode == 0, result.stderr
-    return run
-
-
 def test_quickstart_gguf_loads_and_generates_in_llama_cpp(quickstart):
     import gguf
     from transformers import AutoTokenizer
@@ -206,7 +196,7 @@ def test_quickstart_gguf_loads_and_generates_in_llama_cpp(quickstart):
 
     result = run_cli("export", str(quickstart), "--format", "gguf", "--quant", "q8_0")
     assert result.returncode == 0, result.stderr
-    assert "llama.cpp loads" in result.stderr
+    assert "llama.cpp loads" in result.stderr and library_notices(result.stderr) == []
     out = quickstart / "tiny-sft-lora-q8_0.gguf"
     reader = gguf.GGUFReader(out)
     assert reader.get_field("general.name").contents() == "tiny-sft-lora"

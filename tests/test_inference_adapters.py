@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import invoke_cli
 from tests.test_train import make_recipe, train
 
 pytestmark = pytest.mark.slow
@@ -28,9 +25,10 @@ def runs(tmp_path_factory, torch_one_thread):
             for kind, adapter in KINDS.items()}
 
 
-def chat(*args: str, script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune", "chat", *args, "--max-new-tokens", "8"],
-                          input=script, capture_output=True, text=True, timeout=300, cwd=REPO)
+def chat(*args: str, script: str):
+    """`finetune chat` in this process (the CLI's Typer app), the script on its stdin. The console entry point in a
+    fresh process is tests/test_after_training.py's chat test; here that would import the ML stack six times."""
+    return invoke_cli("chat", *args, "--max-new-tokens", "8", input=script)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

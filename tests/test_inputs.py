@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from finetune.recipe import load_recipe
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, invoke_cli, run_cli
 
 HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "deepspeed", "accelerate")
 SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
@@ -205,9 +205,10 @@ def test_eval_data_without_eval_steps_evaluates_at_each_epoch_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_lm_eval_task_offline_is_one_line_not_a_traceback(tmp_path):
+def test_lm_eval_task_offline_is_one_line_not_a_traceback(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
-    result = run_cli("eval", "builtin:tiny-llama", "--lm-eval", "arc_easy", "--max-rows", "2", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = invoke_cli("eval", "builtin:tiny-llama", "--lm-eval", "arc_easy", "--max-rows", "2")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "--lm-eval arc_easy: the task downloads its dataset from the Hugging Face Hub" in line

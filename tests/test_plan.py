@@ -14,7 +14,7 @@ import yaml
 from finetune.errors import UserError
 from finetune.recipe.load import recipe_from_dict
 from finetune.train.memory import GiB, ModelShape, Sharding, estimate, parse_size, read_shape, sharding_from_recipe
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, invoke_cli, run_cli
 
 QLORA_7B = str(REPO / "recipes/7b/qlora.yaml")
 
@@ -154,7 +154,7 @@ def test_train_refuses_a_plan_that_cannot_fit_before_writing_anything(tmp_path):
         "training": {"micro_batch_size": 100_000, "max_length": 1024, "max_steps": 1},
         "output": {"dir": str(tmp_path / "run")},
     }))
-    result = run_cli("train", str(path))
+    result = invoke_cli("train", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "memory plan does not fit" in result.stderr and "--ignore-memory-plan" in result.stderr
     assert not (tmp_path / "run").exists()

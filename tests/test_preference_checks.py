@@ -11,7 +11,7 @@ import yaml
 
 from finetune.errors import UserError
 from finetune.recipe import recipe_from_dict
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 PAIRS = "builtin:sample_preference.jsonl"
 
@@ -138,7 +138,7 @@ def test_cli_refuses_before_any_model_loads(name, all_cases, tmp_path):
     data, message = all_cases[name]
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**data, "output": {"dir": str(tmp_path / "run")}}))
-    result = run_cli("train", str(path), cwd=tmp_path)
+    result = invoke_cli("train", str(path))
     assert result.returncode == 2, (name, result.stderr)
     assert message in result.stderr, (name, result.stderr)
     assert "Traceback" not in result.stderr
@@ -204,13 +204,14 @@ def test_progress_line_shows_reward_accuracy_and_margin():
     assert "eval_loss 0.5000  eval acc 1.00  margin +2.00" in lines[1]
 
 
-def test_data_preview_covers_orpo_pairs_and_refuses_unpaired_kto_rows(tmp_path):
-    from tests.conftest import REPO, run_cli
+def test_data_preview_covers_orpo_pairs_and_refuses_unpaired_kto_rows(tmp_path, monkeypatch):
+    from tests.conftest import REPO
 
-    orpo = run_cli("data", "preview", str(REPO / "recipes/tiny/orpo_lora.yaml"), "-n", "1", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    orpo = invoke_cli("data", "preview", str(REPO / "recipes/tiny/orpo_lora.yaml"), "-n", "1")
     assert orpo.returncode == 0 and "Traceback" not in orpo.stderr, orpo.stderr[-2000:]
     assert "[[" in orpo.stdout  # the trained answer is marked
-    kto = run_cli("data", "preview", str(REPO / "recipes/tiny/kto_lora.yaml"), "-n", "1",
-                  "--set", "model.path=builtin:tiny-llama", cwd=tmp_path)
+    kto = invoke_cli("data", "preview", str(REPO / "recipes/tiny/kto_lora.yaml"), "-n", "1",
+                     "--set", "model.path=builtin:tiny-llama")
     assert kto.returncode == 2 and "Traceback" not in kto.stderr
     assert "data.train[0]: format unpaired_preference (KTO rows) is not covered" in kto.stderr

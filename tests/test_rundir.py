@@ -108,6 +108,19 @@ def test_an_unfinished_run_says_why_it_has_no_adapter(tmp_path):
         resolve(str(run_dir))
 
 
+@pytest.mark.parametrize("command", ["merge", "chat", "export"])
+def test_a_directory_with_only_a_starter_recipe_is_named_a_recipe_not_an_unfinished_run(command, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert invoke_cli("init").returncode == 0  # writes ./recipe.yaml, as a new user's first step does
+    argv = [command, "."] + (["--format", "vllm"] if command == "export" else [])
+    result = invoke_cli(*argv, input="/quit\n")
+    assert result.returncode == 2, result.stderr
+    assert "holds recipe.yaml but is not a run directory" in result.stderr, result.stderr
+    assert "finetune train recipe.yaml" in result.stderr and "did the run finish" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
 # --- one trained run, shared --------------------------------------------------------------------------------
 
 
@@ -195,6 +208,9 @@ def test_overwrite_removes_and_names_what_the_previous_run_made_and_keeps_the_us
 
 INTERRUPT_AT = """
 import importlib, os, signal, sys
+# Ctrl-C as in a terminal: a job started in the background (nohup, some CI runners) inherits SIGINT ignored,
+# and Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 module, name = sys.argv[1].rsplit(":", 1)
 target = importlib.import_module(module)
 original = getattr(target, name)
@@ -223,16 +239,12 @@ def interrupt(at: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("phase", list(PHASES))
-def test_ctrl_c_in_any_phase_prints_one_line_and_exits_130(phase, tmp_path):
-    at, says, status = PHASES[phase]
-    path = write_recipe(tmp_path, "stop")
-    run = RunDir(tmp_path / "runs" / "stop")
-    result = interrupt(at, "train", path.name, cwd=tmp_path)
+def assert_interrupted(phase: str, result, recipe: Path, run: RunDir) -> None:
+    """Exit 130 with one line naming the phase; the run directory as that phase leaves it."""
+    _, says, status = PHASES[phase]
     assert result.returncode == 128 + signal.SIGINT, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("interrupted: Ctrl-C while " + says.format(recipe=path.name, run=run.root)), last
+    assert last.startswith("interrupted: Ctrl-C while " + says.format(recipe=recipe.name, run=run.root)), last
     assert "Traceback" not in result.stderr
     if status is None:
         assert not run.root.exists()
@@ -241,10 +253,19 @@ def test_ctrl_c_in_any_phase_prints_one_line_and_exits_130(phase, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("phase", [p for p in PHASES if p != "model"])  # "model": the test below
+def test_ctrl_c_in_any_phase_prints_one_line_and_exits_130(phase, tmp_path):
+    path = write_recipe(tmp_path, "stop")
+    assert_interrupted(phase, interrupt(PHASES[phase][0], "train", path.name, cwd=tmp_path), path,
+                       RunDir(tmp_path / "runs" / "stop"))
+
+
+@pytest.mark.slow
 def test_a_run_interrupted_before_its_first_step_has_nothing_to_resume_and_a_plain_rerun_replaces_it(tmp_path):
+    """Ctrl-C while the model loads (the "model" phase of the test above), then --resume, then a plain rerun."""
     path = write_recipe(tmp_path, "again")
     run = RunDir(tmp_path / "runs" / "again")
-    assert interrupt(PHASES["model"][0], "train", path.name, cwd=tmp_path).returncode == 130
+    assert_interrupted("model", interrupt(PHASES["model"][0], "train", path.name, cwd=tmp_path), path, run)
     resumed = invoke_cli("train", path, "--resume")
     assert resumed.returncode == 2 and "stopped before its first training step" in resumed.stderr
     assert "there is nothing to resume; run the same command without --resume" in resumed.stderr

@@ -20,7 +20,7 @@ from finetune.model.builtin import BUILTIN_MODELS, read_record, resolve_model_pa
 from finetune.model.wheel_gguf import SMOLLM2_135M_INSTRUCT as SMOLLM2
 from finetune.run.layout import RunDir
 from finetune.run.records import read_merge_report
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, invoke_cli
 
 pytestmark = pytest.mark.slow
 
@@ -76,8 +76,8 @@ def test_stock_template_masks_train_exactly_the_replies(smollm2, tmp_path):
     ]
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
-    result = run_cli("data", "preview", str(RECIPE), "--json", "-n", "3",
-                     "--set", f"data.train=[{{path: {data}, format: messages}}]", cwd=tmp_path)
+    result = invoke_cli("data", "preview", str(RECIPE), "--json", "-n", "3",
+                        "--set", f"data.train=[{{path: {data}, format: messages}}]")
     assert result.returncode == 0, result.stderr
     records = json.loads(result.stdout)["examples"]
     assert len(records) == 3
@@ -93,17 +93,19 @@ def test_stock_template_masks_train_exactly_the_replies(smollm2, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exported(smollm2, tmp_path_factory) -> dict:
-    """SFT 3 steps on the date task through the CLI, merge, export a float32 GGUF."""
+def exported(smollm2, tmp_path_factory, torch_one_thread) -> dict:
+    """SFT 3 steps on the date task through the CLI, merge, export a float32 GGUF. The three commands run in
+    this process (the CLI's Typer app: tests/test_quiet.py and test_cli.py run commands in fresh processes),
+    which saves importing the ML stack three more times."""
     work = tmp_path_factory.mktemp("smollm2-run")
     run = RunDir.at(work / "run")
     steps = ["--set", "training.max_steps=3", "--set", "training.warmup_ratio=0", "--set", "training.logging_steps=1"]
-    train = run_cli("train", str(RECIPE), "--set", f"output.dir={run.root}", *steps, cwd=work)
+    train = invoke_cli("train", str(RECIPE), "--set", f"output.dir={run.root}", *steps)
     assert train.returncode == 0, train.stderr
-    merge = run_cli("merge", str(run.root), cwd=work)
+    merge = invoke_cli("merge", str(run.root))
     assert merge.returncode == 0, merge.stderr
     gguf = work / "smollm2-dates.gguf"
-    export = run_cli("export", str(run.root), "--format", "gguf", "--quant", "f32", "--out", str(gguf), cwd=work)
+    export = invoke_cli("export", str(run.root), "--format", "gguf", "--quant", "f32", "--out", str(gguf))
     assert export.returncode == 0, export.stderr
     return {"run": run, "merged": run.merged.root, "gguf": gguf}
 
@@ -111,7 +113,9 @@ def exported(smollm2, tmp_path_factory) -> dict:
 def test_sft_merge_export_on_the_real_model(exported):
     run = exported["run"]
     losses = [row["loss"] for row in map(json.loads, run.metrics.read_text().splitlines()) if "loss" in row]
-    assert len(losses) == 3 and losses[-1] < losses[0]  # lr 1e-3 moves this model within 3 steps
+    # lr 1e-3 moves this model within 3 steps. Measured 2026-11-29 with `scripts/seed_margins.py --only smollm2
+    # --seeds 0-3,42` (docs/testing.md): last/first loss 0.20-0.41 over those seeds; the bound is 1.
+    assert len(losses) == 3 and losses[-1] < losses[0]
     report = read_merge_report(run.merged)
     assert report.greedy_generations_agree and report.max_abs_logit_diff < 1e-3, report
     from gguf import GGUFReader  # llama.cpp's own Python reader of the format

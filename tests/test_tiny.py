@@ -139,7 +139,9 @@ def test_pretraining_lowers_the_loss_and_is_deterministic():
         model, tok = tiny.init_tiny_model()
         losses.append(tiny.pretrain(model, tok, steps=30, seed=1))
     assert losses[0] == losses[1]
-    assert losses[0] < 4.5  # from ln(vocab) ~ 6.9 at random init
+    # From ln(vocab) ~ 6.9 at random init. Measured 2026-11-29 with `scripts/seed_margins.py --seeds 0-7,42`
+    # (docs/testing.md): 1.48-3.01 over init and data seeds 0-7 and 42; bound 4.5.
+    assert losses[0] < 4.5
 
 
 def test_build_does_not_disturb_global_rng():

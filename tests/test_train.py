@@ -10,7 +10,7 @@ import yaml
 
 from finetune.errors import UserError
 from finetune.recipe import load_recipe
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +34,12 @@ def make_recipe(tmp_path: Path, name: str, **sections) -> Path:
     return path
 
 
+# The learning tests' recipes over make_recipe's defaults (LoRA), also trained over several seeds by
+# scripts/seed_margins.py to measure the margin assert_loss_falls keeps.
+QLORA = {"adapter": {"kind": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}}
+FULL = {"adapter": {"kind": "full"}, "training": {"learning_rate": 2e-3}}
+
+
 def train(path: Path, **kwargs) -> Path:
     from finetune.train.run import run_training
 
@@ -48,6 +54,8 @@ def losses(run_dir: Path) -> list[float]:
 def assert_loss_falls(run_dir: Path) -> None:
     values = losses(run_dir)
     assert len(values) >= 6
+    # Measured 2026-11-29 with `scripts/seed_margins.py --seeds 0-7,42` (docs/testing.md): last/first
+    # loss 0.53-0.60 (LoRA), 0.52-0.61 (QLoRA), 0.37-0.45 (full) over seeds 0-7 and 42; bound 0.8.
     assert sum(values[-3:]) / 3 < 0.8 * sum(values[:3]) / 3, values
 
 
@@ -140,7 +148,7 @@ def test_sft_qlora_trains_on_a_4bit_base_and_merges_unquantised(tmp_path, torch_
     pytest.importorskip("bitsandbytes")
     from finetune.merge.bake import run_merge
 
-    run_dir = train(make_recipe(tmp_path, "qlora", adapter={"kind": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}))
+    run_dir = train(make_recipe(tmp_path, "qlora", **QLORA))
     assert_loss_falls(run_dir)
     out = run_merge(run_dir, log=lambda _: None)
     report = json.loads((out / "merge_report.json").read_text())
@@ -151,7 +159,7 @@ def test_sft_qlora_trains_on_a_4bit_base_and_merges_unquantised(tmp_path, torch_
 def test_sft_full_trains_a_complete_model_and_merge_refuses(tmp_path, torch_one_thread):
     from transformers import AutoModelForCausalLM
 
-    run_dir = train(make_recipe(tmp_path, "full", adapter={"kind": "full"}, training={"learning_rate": 2e-3}))
+    run_dir = train(make_recipe(tmp_path, "full", **FULL))
     assert_loss_falls(run_dir)
     AutoModelForCausalLM.from_pretrained(run_dir / "model")
     refused = run_cli("merge", str(run_dir))
@@ -192,9 +200,10 @@ def test_bad_data_line_is_reported_before_the_model_loads(tmp_path):
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     data.write_text("\n".join([good] * 56 + ['{"messages": [oops'] + [good] * 3) + "\n")
     path = make_recipe(tmp_path, "bad", data={"train": [{"path": str(data)}]})
-    result = run_cli("train", str(path))
+    result = invoke_cli("train", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{data}:57: malformed JSON" in result.stderr
+    assert "loading" not in result.stderr and not (tmp_path / "runs" / "bad" / "adapter").exists()
 
 
 def test_merge_verifies_on_the_runs_eval_prompts(tmp_path):

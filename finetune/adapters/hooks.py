@@ -89,9 +89,15 @@ def save_adapter(model, out: Path, recipe: Recipe, run_dir: Path) -> None:
         shutil.rmtree(initial, ignore_errors=True)
         return
     with warnings.catch_warnings():
-        # AdaLoRA may prune a module to rank 0; PEFT then warns about DeepSpeed/FSDP shards, which is not the case
-        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        ignore_pruned_ranks()
         model.save_pretrained(out)
+
+
+def ignore_pruned_ranks() -> None:
+    """AdaLoRA may prune a module to rank 0, and PEFT's save then warns that "LoRA tensor(s) have invalid shape"
+    and tells the user to gather DeepSpeed ZeRO-3 / FSDP shards. AdaLoRA runs are refused under both (launch
+    rules), so for an AdaLoRA adapter that warning is always about the pruning: nothing to act on."""
+    warnings.filterwarnings("ignore", message=r"Adapter .*: \d+ LoRA tensor\(s\) have invalid shape")
 
 
 def loraplus_optimizer(trainer, ratio: float):
@@ -135,6 +141,9 @@ class AdaLoraRankAllocation(TrainerCallback):
         # transformers loads the adapter of a checkpoint with PEFT, which reads AdaLoRA's pruned ranks into the
         # full-rank modules training keeps (a size mismatch); the unpruned state is loaded instead.
         trainer._load_from_checkpoint = load_adalora
+        # The trainer saves checkpoints (through PEFT's save_pretrained) inside trainer.train(): the filter
+        # stays for the rest of the process, which runs only this AdaLoRA training.
+        ignore_pruned_ranks()
 
     def on_train_begin(self, args, state, control, **kwargs):
         # The schedule (tinit, tfinal, total_step) was computed from the data before the trainer existed.

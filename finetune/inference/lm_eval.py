@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def run_lm_eval(loaded, name: str, tasks: list[str], limit: int | None, batch_si
     # set_adapter / disable_adapter on the PeftModel still decide what the harness measures.
     model = loaded.model.get_base_model() if loaded.adapters else loaded.model
     harness = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=loaded.device)
-    with loaded.use(name):
+    with loaded.use(name), _no_git_describe():
         try:
             output = simple_evaluate(model=harness, tasks=names, limit=limit, task_manager=manager, log_samples=False)
         except ConnectionError as exc:  # datasets' error when a task's dataset is neither cached nor reachable
@@ -63,6 +64,24 @@ def run_lm_eval(loaded, name: str, tasks: list[str], limit: int | None, batch_si
             if measured and isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[f"{task}/{key.split(',')[0]}"] = float(value)
     return metrics
+
+
+@contextlib.contextmanager
+def _no_git_describe():
+    """lm-eval records `git describe` of the working directory in its results and lets git's stderr through, so
+    every eval outside a git repository printed "fatal: not a git repository". We never read that hash: skip it.
+    (Only that one call is replaced; every other message of the harness, and any error, still shows.)"""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:  # a harness that no longer asks git
+        yield
+        return
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def offline_message(tasks: list[str], exc: BaseException) -> str:

@@ -289,6 +289,9 @@ def _check_template(template: str | None, found: _Findings) -> None:
 
 
 def _check_output(run_dir: Path, found: _Findings) -> None:
+    from finetune.run.layout import RunDir
+    from finetune.run.lock import foreign_recipe
+
     key = ("output", "dir")
     for path in (run_dir, *run_dir.parents):
         if path.exists():
@@ -296,6 +299,8 @@ def _check_output(run_dir: Path, found: _Findings) -> None:
                 inside = "" if path == run_dir else f"{run_dir} would be inside {path}, which "
                 found.problem(key, f"{inside or str(run_dir) + ' '}is a file, not a directory; choose another "
                               "output.dir (e.g. --set output.dir=runs/NAME)")
+            elif path == run_dir and (foreign := foreign_recipe(RunDir(run_dir))) is not None:
+                found.problem(key, foreign)
             return
 
 

@@ -145,8 +145,19 @@ def check_claimable(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
     RunLock(run_dir).refuse_if_held()  # a live holder; a stale lock is left for claim_run_dir to take over
     held = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
     run = RunDir(run_dir)
+    if (foreign := foreign_recipe(run)) is not None:
+        raise UserError(f"output.dir: {foreign}")
     if held and not (resume or overwrite) and _stopped_before_start(run) is None:
         raise _holds_a_run(run)
+
+
+def foreign_recipe(run: RunDir) -> str | None:
+    """Why `run` cannot be written into whatever the flags: it holds a recipe.yaml no run wrote (every run writes
+    its provenance.json with it), the user's own, which the run's resolved recipe would replace."""
+    if not (run.recipe.is_file() and not run.provenance.is_file()):
+        return None
+    return (f"{run.root} holds a {run.recipe.name} that no run wrote (no {run.provenance.name}); a run writes its "
+            f"resolved recipe there, over that file. Choose another directory with --set output.dir=runs/NAME")
 
 
 def _holds_a_run(run: RunDir) -> UserError:

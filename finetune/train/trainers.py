@@ -14,7 +14,8 @@ from finetune.redact import redact_text
 from finetune.run.layout import RunDir
 
 
-def training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
+def training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool, model=None) -> dict[str, Any]:
+    """The arguments TRL's configs share, from the recipe (and the model, for what depends on its architecture)."""
     t = recipe.training
     return {
         "output_dir": str(RunDir(run_dir).checkpoints),
@@ -51,7 +52,20 @@ def training_args(recipe: Recipe, precision, run_dir: Path, has_eval: bool) -> d
         "run_name": redact_text(recipe.logging.run_name or recipe.name),  # trackers and training_args.bin
         "disable_tqdm": True,  # our ProgressDisplay replaces it
         "dataloader_pin_memory": precision.device == "cuda",
+        # Left unset, transformers asks DDP to search every step for parameters without gradients whenever the
+        # model is not a PreTrainedModel (a PeftModel is not), and torch warns on every rank that it found none.
+        "ddp_find_unused_parameters": skips_parameters(model),
     }
+
+
+def skips_parameters(model) -> bool:
+    """Whether a forward pass can leave trainable parameters without a gradient: a mixture-of-experts model's
+    router skips experts. In a dense model every trainable parameter (an adapter's, or every one) is used."""
+    config = getattr(model, "config", None)
+    return any(isinstance(n, int) and n > 1 for n in (getattr(config, key, None) for key in EXPERT_COUNTS))
+
+
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # Mixtral, Qwen-MoE, DeepSeek
 
 
 def _callbacks(run_dir: Path):
@@ -80,7 +94,7 @@ def build_sft_trainer(recipe, model, tokenizer, train_ds, eval_ds, peft_config, 
 
         use_segment_attention(model)  # sdpa per packed sequence, instead of one masked attention over the row
     args = SFTConfig(
-        **{**training_args(recipe, precision, run_dir, eval_ds is not None), **sft_config_kwargs(recipe)},
+        **{**training_args(recipe, precision, run_dir, eval_ds is not None, model), **sft_config_kwargs(recipe)},
         dataset_num_proc=None,
     )
     trainer = FastSFTTrainer(
@@ -102,7 +116,7 @@ def build_preference_trainer(recipe, model, tokenizer, train_ds, eval_ds, peft_c
     """Build TRL's DPO, ORPO or KTO trainer (finetune/preference.py says which reference model each uses)."""
     from finetune.train.preference import PREFERENCE_TRAINERS
 
-    common = training_args(recipe, precision, run_dir, eval_ds is not None)
+    common = training_args(recipe, precision, run_dir, eval_ds is not None, model)
     build = PREFERENCE_TRAINERS[recipe.method.kind]
     trainer = build(recipe, model, tokenizer, train_ds, eval_ds, peft_config, common)
     for callback in _callbacks(run_dir):
