@@ -397,3 +397,30 @@ def test_a_training_process_imports_only_the_optional_packages_its_recipe_uses(a
         import importlib.util
 
         assert all(importlib.util.find_spec(name) is not None for name in kept)  # installed in this venv
+
+
+def test_finetune_train_shapes_only_a_process_of_its_own(tmp_path):
+    # As a command (console entry point) it hides the unused packages; the same Typer app called inside a longer
+    # process (tests' invoke_cli) leaves that process as it was. The run directory already holds a run, so both
+    # stop at the first check after that point, with exit 2.
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import invoke_cli
+
+    data = json.loads(json.dumps(BASE)) | {"output": {"dir": str(tmp_path / "runs" / "r")}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "recipe.yaml").write_text("name: earlier\n")
+    code = ("import sys\nfrom finetune.cli import main\nfrom finetune.train.startup import OPTIONAL_PACKAGES\n"
+            f"sys.argv = ['finetune', 'train', {str(path)!r}]\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    print(exc.code)\n"
+            "print(','.join(n for n in OPTIONAL_PACKAGES if n in sys.modules and sys.modules[n] is None))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path).stdout.split()
+    assert out[0] == "2" and set(out[1].split(",")) == {"deepspeed", "bitsandbytes", "wandb", "mlflow", "scipy"}
+    before = {n: m for n, m in sys.modules.items() if m is None}
+    assert invoke_cli("train", str(path)).returncode == 2
+    assert {n: m for n, m in sys.modules.items() if m is None} == before

@@ -111,8 +111,16 @@ def _metavar(annotation) -> str:
     return {int: "N", float: "NUMBER"}.get(annotation, "TEXT")
 
 
+# Set by main(): this process is one `finetune` command, which ends with it (not the Typer app called inside a
+# longer-lived process, as tests do), so `finetune train` may shape the process for its one recipe
+# (finetune.train.startup).
+owns_process = False
+
+
 def main() -> None:
     """Console entry point: user errors print a message and exit 2, never a traceback."""
+    global owns_process
+    owns_process = True
     command = tidy_help(typer.main.get_command(app))
     try:
         # standalone: click reports usage errors itself (exit 2) and exits

@@ -57,7 +57,10 @@ def train(
         launch_training(loaded, overwrite=overwrite, resume=resume, force=force,
                         resume_command=shlex.join(redact(command)))
         return
-    skip_unused_packages(loaded.recipe)  # before anything imports transformers: this process runs one recipe
+    from finetune.cli.app import owns_process  # read now: main() set it before any command ran
+
+    if owns_process:  # before anything imports transformers: this process runs one recipe
+        skip_unused_packages(loaded.recipe)
     from finetune.train.run import run_training
 
     run_training(
