@@ -131,7 +131,8 @@ def run_cli_light(*args: str, cwd: Path | None = None) -> subprocess.CompletedPr
         f"sys.argv = ['finetune', *{list(args)!r}]\n"
         "from finetune.cli import main\n"
         "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+        # a module set to None is one finetune.train.startup hid from the process, not an import
+        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if sys.modules.get(m) is not None))\n"
         "sys.exit(code)\n"
     )
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=600,
