@@ -37,6 +37,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -470,6 +471,8 @@ def main() -> None:
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-"))
     root.mkdir(parents=True, exist_ok=True)
+    # runs of an earlier invocation in the same --workdir would be refused ("already holds a run") or appended to
+    shutil.rmtree(root / "runs", ignore_errors=True)
     print(f"building the workload in {root} ({preset} preset, {device})", file=sys.stderr)
     model_dir, data = build_workload(w, root, device)
     paths = (model_dir, data, write_recipe(w, root, model_dir, data))
