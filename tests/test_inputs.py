@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from finetune.recipe import load_recipe
+from finetune.run.layout import RunDir
 from tests.conftest import REPO, invoke_cli, run_cli
 
 HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "deepspeed", "accelerate")
@@ -56,12 +57,14 @@ def run_in_process(argv: list[str], cwd: Path) -> tuple[int, str, list[str]]:
 
 def test_a_run_dir_that_holds_a_run_is_refused_before_any_ml_import(tmp_path):
     path = write(tmp_path)
-    (tmp_path / "runs" / "r").mkdir(parents=True)
-    (tmp_path / "runs" / "r" / "recipe.yaml").write_text("name: earlier\n")
+    run = RunDir(tmp_path / "runs" / "r")
+    run.root.mkdir(parents=True)
+    run.recipe.write_text("name: earlier\n")
+    run.provenance.write_text('{"status": "completed"}\n')  # a run wrote it (a recipe.yaml alone is the user's)
     code, stderr, heavy = run_in_process(["train", str(path)], tmp_path)
     assert code == 2 and "already holds a run" in stderr, stderr
     assert heavy == []
-    assert sorted(p.name for p in (tmp_path / "runs" / "r").iterdir()) == ["recipe.yaml"]  # no lock left behind
+    assert sorted(p.name for p in run.root.iterdir()) == sorted([run.recipe.name, run.provenance.name])  # no lock
 
 
 def test_resume_with_a_changed_recipe_is_refused_before_any_ml_import(tmp_path):

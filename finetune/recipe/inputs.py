@@ -49,8 +49,11 @@ class _Findings:
             self.problems.append(f"{_origin(self.origins, path)}: {exc.render()}")
 
 
-def check_inputs(loaded: LoadedRecipe) -> list[str]:
-    """Raise UserError listing every problem with what the recipe points at; return notes for validate."""
+def check_inputs(loaded: LoadedRecipe, *, launched: bool = False) -> list[str]:
+    """Raise UserError listing every problem with what the recipe points at; return notes for validate.
+
+    `launched`: checked by a worker of a launched run, which reads the run's resolved recipe.yaml that the
+    launcher wrote (and checked the run directory for) before the main process writes provenance.json."""
     recipe = loaded.recipe
     found = _Findings(loaded.origins)
     _check_model(recipe, found)
@@ -58,7 +61,7 @@ def check_inputs(loaded: LoadedRecipe) -> list[str]:
         for i, spec in enumerate(getattr(recipe.data, split)):
             _check_dataset(recipe, spec, ("data", split, i), found)
     _check_template(recipe.data.chat_template, found)
-    _check_output(Path(recipe.run_dir), found)
+    _check_output(Path(recipe.run_dir), found, launched)
     _check_environment(recipe, found)
     if found.problems:
         n = len(found.problems)
@@ -288,7 +291,7 @@ def _check_template(template: str | None, found: _Findings) -> None:
                       f"({', '.join(names)}) or the path of a .jinja file")
 
 
-def _check_output(run_dir: Path, found: _Findings) -> None:
+def _check_output(run_dir: Path, found: _Findings, launched: bool) -> None:
     from finetune.run.layout import RunDir
     from finetune.run.lock import foreign_recipe
 
@@ -299,7 +302,7 @@ def _check_output(run_dir: Path, found: _Findings) -> None:
                 inside = "" if path == run_dir else f"{run_dir} would be inside {path}, which "
                 found.problem(key, f"{inside or str(run_dir) + ' '}is a file, not a directory; choose another "
                               "output.dir (e.g. --set output.dir=runs/NAME)")
-            elif path == run_dir and (foreign := foreign_recipe(RunDir(run_dir))) is not None:
+            elif path == run_dir and not launched and (foreign := foreign_recipe(RunDir(run_dir))) is not None:
                 found.problem(key, foreign)
             return
 

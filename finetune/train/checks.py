@@ -44,7 +44,7 @@ def check_recipe_inputs(loaded: LoadedRecipe, lifecycle=None):
     from finetune.recipe.inputs import check_inputs
 
     recipe = loaded.recipe
-    check_inputs(loaded)
+    check_inputs(loaded, launched=lifecycle is not None and lifecycle.launched)
     if lifecycle is not None:
         lifecycle.check()
     if recipe.method.kind in PREFERENCE_KINDS:
