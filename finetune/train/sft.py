@@ -32,6 +32,14 @@ from finetune.train.cpu_ops import fused_cross_entropy, speed_up_lora_dropout
 from finetune.train.sampling import EpochLengthGroupedSampler
 
 
+def _zero_stage(trainer) -> int | None:
+    """The DeepSpeed ZeRO stage the trainer's accelerator runs, or None without DeepSpeed."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    return getattr(plugin, "zero_stage", None)
+
+
 class FastSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss skips what the recipe does not ask for, and which counts trained tokens.
 
@@ -62,10 +70,12 @@ class FastSFTTrainer(SFTTrainer):
         cpu = self.args.device.type == "cpu"
         if cpu:
             speed_up_lora_dropout(self.model)
-        # The fused CPU head computes no gradient for the head's weight: only for a frozen, bias-free head.
+        # The fused CPU head computes no gradient for the head's weight: only for a frozen, bias-free head, and
+        # only one held whole (ZeRO-3 and FSDP shard it, gathering it only inside the module's own forward).
         head = base.get_output_embeddings()
-        self._fused_head = head if cpu and type(head) is torch.nn.Linear and head.bias is None and not \
-            head.weight.requires_grad else None
+        sharded = getattr(self, "is_fsdp_enabled", False) or _zero_stage(self) == 3  # (partitioned in train())
+        self._fused_head = head if cpu and not sharded and type(head) is torch.nn.Linear and head.bias is None \
+            and not head.weight.requires_grad else None
 
     def _lean_loss_applies(self, return_outputs: bool) -> bool:
         # Anything beyond plain token-level NLL keeps TRL's own path.
