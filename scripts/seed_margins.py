@@ -83,13 +83,9 @@ def orpo(tmp: Path, seed: int) -> dict:
 
 
 def sft_then_dpo(tmp: Path, seed: int) -> dict:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from finetune.merge.bake import run_merge
     from finetune.model.builtin import resolve_model_path
-    from tests.test_preference import DPO_AFTER_SFT, SFT_BEFORE_DPO, dpo_recipe, series
+    from tests.test_preference import DPO_AFTER_SFT, SFT_BEFORE_DPO, dpo_recipe, merged_moved_from_sft, series
     from tests.test_train import make_recipe, train
 
     sft = train(make_recipe(tmp, "sft", **seeded(SFT_BEFORE_DPO, seed)))
@@ -97,12 +93,7 @@ def sft_then_dpo(tmp: Path, seed: int) -> dict:
                            **seeded(DPO_AFTER_SFT, seed)))
     out = run_merge(dpo, log=lambda _: None)
     base = resolve_model_path("builtin:tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), sft / "adapter").eval()
-    with torch.no_grad():
-        moved = (merged(ids).logits - sft_model(ids).logits).abs().max().item()
+    moved = merged_moved_from_sft(out, base, sft)
     return {"accuracy_last": round(series(dpo, "rewards/accuracies")[-1], 3),
             "margin_last": round(series(dpo, "rewards/margins")[-1], 4), "merged_moved": round(moved, 4)}
 

@@ -131,11 +131,20 @@ def test_orpo_trains_without_a_reference(tmp_path, torch_one_thread):
     assert summary(run_dir)["reference_model"].startswith("none")
 
 
-def test_sft_then_dpo_continues_the_sft_adapter_and_merges_into_the_base(tmp_path, torch_one_thread):
+def merged_moved_from_sft(merged_dir: Path, base: str, sft: Path) -> float:
+    """Max abs logit difference between the merged model and the SFT adapter on its base (one prompt)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    ids = AutoTokenizer.from_pretrained(merged_dir)("The capital of France is", return_tensors="pt").input_ids
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), sft / "adapter").eval()
+    with torch.no_grad():
+        return (merged(ids).logits - sft_model(ids).logits).abs().max().item()
+
+
+def test_sft_then_dpo_continues_the_sft_adapter_and_merges_into_the_base(tmp_path, torch_one_thread):
     from finetune.merge.bake import run_merge
     from finetune.model.builtin import resolve_model_path
 
@@ -155,12 +164,7 @@ def test_sft_then_dpo_continues_the_sft_adapter_and_merges_into_the_base(tmp_pat
     out = run_merge(dpo, log=lambda _: None)
     report = json.loads((out / "merge_report.json").read_text())
     assert report["base"] == base and report["max_abs_logit_diff"] < 1e-4
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), sft / "adapter").eval()
-    with torch.no_grad():
-        moved = (merged(ids).logits - sft_model(ids).logits).abs().max().item()
+    moved = merged_moved_from_sft(out, base, sft)
     assert moved > 1e-3  # DPO changed the SFT model, and the merge kept the change
 
     # A new adapter on the merged SFT model: the reference is that merged model (adapter disabled).
