@@ -138,13 +138,11 @@ def _builtin_name(spec: str, available: list[str], kind: str) -> str:
     """The name after `builtin:`; raises UserError if it is not one of `available`."""
     name = spec[len(BUILTIN_PREFIX) :]
     if name not in available:
-        import difflib
+        from finetune.recipe.load import did_you_mean
 
-        choices = ", ".join(BUILTIN_PREFIX + a for a in available)
-        close = difflib.get_close_matches(name, available, n=1, cutoff=0.75)
-        hint = f" Did you mean {BUILTIN_PREFIX}{close[0]}?" if close else ""
-        raise UserError(f"Unknown built-in {kind} {spec!r}.{hint} Available: {choices} "
-                        "(`finetune models` lists them)")
+        choices = [BUILTIN_PREFIX + a for a in available]
+        raise UserError(f"Unknown built-in {kind} {spec!r}{did_you_mean(spec, choices)}. Available: "
+                        f"{', '.join(choices)} (`finetune models` lists them)")
     return name
 
 

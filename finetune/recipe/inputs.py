@@ -12,14 +12,13 @@ it must already be in the local Hub cache, or it is refused with how to use a lo
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.recipe.load import KeyPath, LoadedRecipe, _origin, dotted_path
+from finetune.recipe.load import KeyPath, LoadedRecipe, _origin, did_you_mean, dotted_path
 from finetune.recipe.schema import DatasetSpec, Recipe
 
 MAX_FILES_READ = 20  # first rows read per dataset; every file is still checked for existence
@@ -73,12 +72,6 @@ def check_inputs(loaded: LoadedRecipe, *, launched: bool = False) -> list[str]:
 
 
 # --- names and the Hub ----------------------------------------------------------------------------
-
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """" (did you mean 'x'?)" for the closest choice, or ""."""
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _check_builtin(path: KeyPath, spec: str, names: list[str], kind: str, found: _Findings) -> bool:

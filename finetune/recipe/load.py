@@ -495,7 +495,7 @@ def _describe(
         found = (err.get("ctx") or {}).get("tag")
         choices = re.findall(r"'([^']*)'", tags)
         msg = (
-            f"expected one of {', '.join(choices)}; found {found!r}" + _suggest(str(found), choices)
+            f"expected one of {', '.join(choices)}; found {found!r}" + did_you_mean(str(found), choices)
             if found is not None
             else f"required key is missing (one of {', '.join(choices)})"
         )
@@ -507,7 +507,7 @@ def _describe(
         msg = "; ".join(e["msg"] for e in errs)
     elif err["type"] == "literal_error":
         choices = _choices((err.get("ctx") or {}).get("expected", ""))
-        msg = f"expected one of {', '.join(choices)}; found {_found(err)}" + _suggest(
+        msg = f"expected one of {', '.join(choices)}; found {_found(err)}" + did_you_mean(
             str(err.get("input")), choices
         )
     else:
@@ -542,7 +542,8 @@ def _found(err: dict[str, Any]) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _suggest(word: str, choices: list[str]) -> str:
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """" (did you mean 'x'?)" for the closest choice, or ""."""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

@@ -139,6 +139,11 @@ class RunDir:
         """Whether `root` holds a run: a directory with the resolved recipe every run writes first."""
         return (self.root / RECIPE).is_file()
 
+    def holds_only_a_recipe(self) -> bool:
+        """Whether `root`'s recipe.yaml is one no run wrote (`finetune init`'s, the user's own): every run writes
+        provenance.json with it."""
+        return self.recipe.is_file() and not self.provenance.is_file()
+
     @property
     def name(self) -> str:
         return self.root.name

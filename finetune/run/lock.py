@@ -154,7 +154,7 @@ def check_claimable(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
 def foreign_recipe(run: RunDir) -> str | None:
     """Why `run` cannot be written into whatever the flags: it holds a recipe.yaml no run wrote (every run writes
     its provenance.json with it), the user's own, which the run's resolved recipe would replace."""
-    if not (run.recipe.is_file() and not run.provenance.is_file()):
+    if not run.holds_only_a_recipe():
         return None
     return (f"{run.root} holds a {run.recipe.name} that no run wrote (no {run.provenance.name}); a run writes its "
             f"resolved recipe there, over that file. Choose another directory with --set output.dir=runs/NAME")

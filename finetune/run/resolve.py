@@ -289,8 +289,7 @@ def unfinished(run: RunDir, artifact: Path) -> str:
     status = provenance.status if provenance else None
     recipe = (provenance.recipe_file if provenance else None) or "RECIPE"
     where = f"{run.root} has no {artifact.name}/"
-    if provenance is None and not run.metrics.exists():
-        # `finetune init` writes a recipe.yaml too: a directory with only that is a recipe, not a run
+    if run.holds_only_a_recipe() and not run.metrics.exists():
         return (f"{run.root} holds {run.recipe.name} but is not a run directory ({run.provenance.name}, which "
                 f"`finetune train` writes when it starts, is missing); to train that recipe: "
                 f"finetune train {run.recipe}")
