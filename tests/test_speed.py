@@ -307,6 +307,40 @@ def test_lora_dropout_layers_are_swapped_with_the_same_p(torch_one_thread):
     assert dropouts and all(type(d) is FastDropout and d.p == 0.05 for d in dropouts)
 
 
+def test_fused_lora_forward_gives_pefts_output_and_gradients(torch_one_thread):
+    torch = torch_one_thread
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model.builtin import resolve_model_path
+    from finetune.train.cpu_ops import speed_up_lora_linears
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=12, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():  # B starts at zero: make the update count
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    want, want_grads = loss_and_grads()
+    assert speed_up_lora_linears(model) == 7 * model.config.num_hidden_layers  # q k v o gate up down per layer
+    got, got_grads = loss_and_grads()
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    with model.disable_adapter():  # PEFT's own path: the base model alone
+        base = model(input_ids=ids, labels=ids, use_cache=False).loss
+    assert abs(base.item() - want.item()) > 1e-4
+
+
 def test_grouped_order_is_a_function_of_seed_and_epoch():
     from finetune.train.sampling import EpochLengthGroupedSampler
 

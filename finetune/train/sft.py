@@ -28,7 +28,7 @@ from trl import SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from finetune.train.bookkeeping import RunBookkeeping, find_bookkeeping
-from finetune.train.cpu_ops import fused_cross_entropy, speed_up_lora_dropout
+from finetune.train.cpu_ops import fused_cross_entropy, speed_up_lora_dropout, speed_up_lora_linears
 from finetune.train.sampling import EpochLengthGroupedSampler
 
 
@@ -68,12 +68,15 @@ class FastSFTTrainer(SFTTrainer):
         self._keeps_positions = "logits_to_keep" in inspect.signature(base.forward).parameters and not any(
             getattr(text, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
         cpu = self.args.device.type == "cpu"
+        # ZeRO-3 and FSDP shard weights, gathering them only inside each module's own forward (partitioned in
+        # train()): the fused paths below, which read weights directly, are for weights held whole.
+        sharded = getattr(self, "is_fsdp_enabled", False) or _zero_stage(self) == 3
         if cpu:
             speed_up_lora_dropout(self.model)
-        # The fused CPU head computes no gradient for the head's weight: only for a frozen, bias-free head, and
-        # only one held whole (ZeRO-3 and FSDP shard it, gathering it only inside the module's own forward).
+            if not sharded:
+                speed_up_lora_linears(self.model)
+        # The fused CPU head computes no gradient for the head's weight: only for a frozen, bias-free head.
         head = base.get_output_embeddings()
-        sharded = getattr(self, "is_fsdp_enabled", False) or _zero_stage(self) == 3  # (partitioned in train())
         self._fused_head = head if cpu and not sharded and type(head) is torch.nn.Linear and head.bias is None \
             and not head.weight.requires_grad else None
 
