@@ -458,3 +458,15 @@ def test_finetune_train_shapes_only_a_process_of_its_own(tmp_path):
     before = {n: m for n, m in sys.modules.items() if m is None}
     assert invoke_cli("train", str(path)).returncode == 2
     assert {n: m for n, m in sys.modules.items() if m is None} == before
+
+
+def test_only_a_cpu_training_process_of_its_own_keeps_freed_memory():
+    # In a fresh process (the allocator setting lasts for the process): refused before the process is marked as
+    # running one recipe, and for a GPU run; taken by glibc (mallopt returns 1 for each setting) for a CPU run.
+    import subprocess
+    import sys
+
+    code = ("from finetune.train import startup\nprint(startup.keep_freed_memory('cpu'))\n"
+            "startup._one_run = True\nprint(startup.keep_freed_memory('cuda'), startup.keep_freed_memory('cpu'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True"]

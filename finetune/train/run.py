@@ -22,7 +22,7 @@ from finetune.train.checks import check_before_claim, report_longest
 from finetune.train.interrupt import Stage, interruptible
 from finetune.train.lifecycle import RunLifecycle
 from finetune.train.memory import peak_memory
-from finetune.train.startup import freeze_startup_objects
+from finetune.train.startup import freeze_startup_objects, keep_freed_memory
 from finetune.train.trainers import TRAINERS
 
 
@@ -102,6 +102,7 @@ def _train(recipe: Recipe, start, layout, run: RunLifecycle, log, callbacks, sta
                              precision, total_steps, run_dir, log)
     stage.now("starting training")  # once steps run, StopRequest turns Ctrl-C into a checkpoint instead
     freeze_startup_objects()
+    keep_freed_memory(precision.device)
     started = time.perf_counter()
     result = run.train(trainer, start.base, callbacks)
     seconds = time.perf_counter() - started
