@@ -408,12 +408,22 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def split_row_names(text: str, rows) -> list[str]:
+    """Comma-separated row names, keeping whole a name that holds a comma ('llamafactory: packed, no checkpointing')."""
+    parts, names = [p.strip() for p in text.split(",")], []
+    while parts:
+        take = next((k for k in range(len(parts), 1, -1) if ", ".join(parts[:k]) in rows), 1)
+        names.append(", ".join(parts[:take]))
+        parts = parts[take:]
+    return names
+
+
 def select_rows(args: argparse.Namespace) -> dict[str, tuple[str, bool, list[str]]]:
     rows = dict(COMPARISON) | {n: ("finetune", False, a) for n, a in ABLATIONS.items()}
     for item in args.variant:
         name, _, rest = item.partition("=")
         rows[name] = ("finetune", "method.packing=true" in rest, shlex.split(rest))
-    wanted = [n.strip() for n in args.only.split(",")] if args.only else list(COMPARISON) + [
+    wanted = split_row_names(args.only, rows) if args.only else list(COMPARISON) + [
         v.partition("=")[0] for v in args.variant]
     unknown = [n for n in wanted if n not in rows]
     if unknown:

@@ -293,6 +293,20 @@ def test_fast_dropout_is_bernoulli_scaled_and_replays_from_torch_seed(torch_one_
     assert torch.equal(dropout.eval()(x), x)
 
 
+@pytest.mark.parametrize("p", [0.001, 0.05, 0.5])
+def test_dropout_keep_mask_has_the_full_32_bit_probability(p):
+    # p = 0.001 is below 1/256: every dropped element comes from the lazily drawn lower 24 bits of a tie
+    import numpy as np
+
+    from finetune.train.cpu_ops import _keep_mask
+
+    n, threshold = 4_000_000, round(p * 2**32)
+    kept = _keep_mask(np.random.SFC64(7), n, threshold)
+    expected = 1 - threshold / 2**32
+    assert abs(kept.mean() - expected) < 5 * (expected * (1 - expected) / n) ** 0.5  # within 5 sigma
+    assert np.array_equal(kept, _keep_mask(np.random.SFC64(7), n, threshold))  # a function of the seed
+
+
 def test_lora_dropout_layers_are_swapped_with_the_same_p(torch_one_thread):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
