@@ -54,15 +54,24 @@ def render(template: str, conversations: list[list[dict]], special_tokens: dict,
     transformers' `render_jinja_template` turns every keyword argument into plain data, so a pinned
     `strftime_now` cannot pass through it; we call the template it compiles with the same variables it passes
     (messages with reasoning aliased, tools, documents, add_generation_prompt, the special tokens) plus our clock.
+    A conversation whose shape the template renders without looking at the texts is filled into that shape's
+    cached render instead (finetune.data.skeleton: the same characters, without Jinja).
     """
-    compiled = _compile(template)
-    clock = _clock(date)
-    alias = _reasoning_aliaser()
-    return [
-        compiled.render(messages=alias(conversation), tools=tools, documents=None,
-                        add_generation_prompt=add_generation_prompt, strftime_now=clock, **special_tokens)
-        for conversation in conversations
-    ]
+    from finetune.data.skeleton import Skeletons, skeletons
+
+    def make() -> Skeletons:
+        compiled = _compile(template)
+        alias = _reasoning_aliaser()
+        variables = {"tools": tools, "documents": None, "strftime_now": _clock(date), **special_tokens}
+
+        def render_one(conversation: list[dict], add_generation_prompt: bool) -> str:
+            return compiled.render(messages=alias(conversation), add_generation_prompt=add_generation_prompt,
+                                   **variables)
+
+        return Skeletons(template, variables, alias, render_one)
+
+    cache = skeletons(template, special_tokens, tools, date, make)
+    return [cache.render(conversation, add_generation_prompt) for conversation in conversations]
 
 
 def _compile(template: str):
