@@ -233,3 +233,23 @@ def test_an_end_of_turn_that_merges_with_the_next_text_is_located_row_by_row():
     masks._OUTLINES.clear()
     assert trained("Zoo") == "Hi.do."  # "." is a token of its own after the first reply: trained with it
     assert trained("Pa") == "Hido."  # ".P" belongs to the user's text: the first reply is trained without "."
+
+
+def test_tools_met_once_are_not_cached_and_tools_met_again_are():
+    """Datasets that give every row its own tools would only fill the cache: a set-up with tools caches from its
+    second row on, and encodes the same either way."""
+    from test_template_corpus import CONVERSATIONS as CORPUS
+    from test_template_corpus import tokenizer_for
+
+    from finetune.data import masks
+
+    messages, tools = CORPUS["tools"]
+    template = (TEMPLATES / "qwen2.5.jinja").read_text()
+    tokenizer = tokenizer_for("qwen2.5")
+    skeleton._SETUPS.clear()
+    skeleton._SEEN.clear()
+    first = masks.encode_messages(tokenizer, messages, chat_template=template, tools=tools, date="2026-01-02")
+    assert not skeleton._SETUPS  # rendered by Jinja, nothing cached
+    second = masks.encode_messages(tokenizer, messages, chat_template=template, tools=tools, date="2026-01-02")
+    assert len(skeleton._SETUPS) == 1
+    assert (first.input_ids, first.labels) == (second.input_ids, second.labels)

@@ -30,8 +30,9 @@ import functools
 import re
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from finetune.data import skeleton
 from finetune.data.render import Renderer
 from finetune.data.templates import resolve_chat_template
 from finetune.data.turns import RESERVED, NotExact, Turns, locate_turns
@@ -106,7 +107,12 @@ def _renderer(tokenizer, template: str, tools, date) -> Renderer:
 
 
 def _encode_turns(tokenizer, renderer: Renderer, messages, selected: list[int], all_turns: bool) -> Encoded:
-    turns = _outlined(tokenizer, renderer, messages, selected, all_turns)
+    setup = skeleton.setup_key(renderer.template, renderer.special_tokens, renderer.tools, renderer.date)
+    turns = None
+    if not skeleton.seen_before(setup):
+        renderer = replace(renderer, cached=False)
+    else:
+        turns = _outlined(tokenizer, renderer, setup, messages, selected, all_turns)
     if turns is None:
         turns = locate_turns(renderer, messages, selected, tokenize=_tail_tokenizer(tokenizer),
                              eos=tokenizer.eos_token, all_turns=all_turns)
@@ -137,7 +143,8 @@ class _Outline:
         return "".join(texts), spans
 
 
-def _outlined(tokenizer, renderer: Renderer, messages, selected: list[int], all_turns: bool) -> Turns | None:
+def _outlined(tokenizer, renderer: Renderer, setup: tuple, messages, selected: list[int],
+              all_turns: bool) -> Turns | None:
     """The turns of a conversation read off its outline's, where that is exact; None: locate them in this row.
 
     `locate_turns` renders a conversation ~6 times and compares end-of-turn texts token by token. Where the
@@ -147,12 +154,9 @@ def _outlined(tokenizer, renderer: Renderer, messages, selected: list[int], all_
     those of every conversation with its outline once the cores are put back. Everything else is located row by
     row, as are rows whose text holds the characters reserved for marks (so the error names them).
     """
-    from finetune.data import skeleton
-
     key, cores, stand_in = skeleton.outline(messages)
     cache = _OUTLINES.setdefault(tokenizer, {})
-    full_key = (skeleton.setup_key(renderer.template, renderer.special_tokens, renderer.tools, renderer.date),
-                key, tuple(selected), all_turns)
+    full_key = (setup, key, tuple(selected), all_turns)
     found = cache.get(full_key, False)
     if found is False:
         found = cache[full_key] = _outline(tokenizer, renderer, stand_in, selected, all_turns)
@@ -167,8 +171,6 @@ def _outlined(tokenizer, renderer: Renderer, messages, selected: list[int], all_
 
 
 def _outline(tokenizer, renderer: Renderer, stand_in: list[dict], selected: list[int], all_turns: bool):
-    from finetune.data import skeleton
-
     tails = _tail_tokenizer(tokenizer)
     touched = []
 

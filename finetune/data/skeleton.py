@@ -221,14 +221,14 @@ class Skeletons:
         self._template = template
         self._variables = variables  # everything but messages and add_generation_prompt
         self._alias = alias  # transformers' copy of reasoning fields under the names templates read
-        self._render_one = render_one  # the plain render (transformers' compiled template)
+        self.render_one = render_one  # the plain render (transformers' compiled template)
         self._shapes: OrderedDict = OrderedDict()
 
     def render(self, conversation: list[dict], add_generation_prompt: bool) -> str:
         pieces = self._pieces(conversation, add_generation_prompt)
         if pieces is None:  # the template looks at texts in this shape
             RENDERED[0] += 1
-            return self._render_one(conversation, add_generation_prompt)
+            return self.render_one(conversation, add_generation_prompt)
         return "".join(piece if isinstance(piece, str) else _fill(conversation, piece) for piece in pieces)
 
     def text_blind(self, conversation: list[dict], add_generation_prompt: bool) -> bool:
@@ -327,6 +327,23 @@ def setup_key(template: str, special_tokens: dict, tools, date: str | None) -> t
 
 
 _SETUPS: OrderedDict = OrderedDict()
+_SEEN: OrderedDict = OrderedDict()  # set-ups with tools met once
+
+
+def seen_before(setup: tuple) -> bool:
+    """Whether a set-up was met before; one without tools always was.
+
+    Tool-calling datasets often give every row its own tools: caching those set-ups would cost a tracked render
+    per row and serve nothing, so a set-up with tools is cached from its second row on.
+    """
+    if setup[2] is None or setup in _SETUPS:
+        return True
+    if setup in _SEEN:
+        return True
+    _SEEN[setup] = True
+    if len(_SEEN) > _MAX_SHAPES:
+        _SEEN.popitem(last=False)
+    return False
 
 
 def skeletons(template: str, special_tokens: dict, tools, date: str | None,
