@@ -48,6 +48,8 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
 
 
 def time_pipeline(data: Path, model: str, num_proc: int, cache: Path) -> dict:
+    import datasets  # noqa: F401 (imported before the clock starts, as the baseline's is)
+
     import finetune.data.cache
     from finetune.data.prepare import prepare_datasets, set_chat_template
     from finetune.model.builtin import resolve_model_path

@@ -115,7 +115,7 @@ def _add(out, ids, labels, where, n_tokens=0, truncated=False, chunk=0, end_of_t
     out["labels"].append(labels)
     out["source"].append(where)
     out["n_tokens"].append(n_tokens)
-    out["n_trained"].append(sum(label != -100 for label in labels))
+    out["n_trained"].append(len(labels) - labels.count(-100))
     out["truncated"].append(truncated)
     out["chunk"].append(chunk)
     out["end_of_turn"].append(end_of_turn)

@@ -17,19 +17,25 @@ trained character lies in a trained token. This is the rule of transformers'
 
 A conversation the template cannot train exactly raises `NotExact` (a UserError that says what to do);
 we never hand back a mask we could not check.
+
+Speed: where the template provably never looks inside a message's text (finetune.data.skeleton), the turns
+are located once per conversation outline (shape and the texts' outer whitespace) and every row of that
+outline only fills its texts in (`_outlined`); tests/test_skeleton.py holds both paths to the same result.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import re
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from finetune.data import skeleton
 from finetune.data.render import Renderer
 from finetune.data.templates import resolve_chat_template
-from finetune.data.turns import NotExact, locate_turns
+from finetune.data.turns import RESERVED, NotExact, Turns, locate_turns
 from finetune.errors import UserError
 
 IGNORE_INDEX = -100
@@ -101,10 +107,103 @@ def _renderer(tokenizer, template: str, tools, date) -> Renderer:
 
 
 def _encode_turns(tokenizer, renderer: Renderer, messages, selected: list[int], all_turns: bool) -> Encoded:
-    turns = locate_turns(renderer, messages, selected, tokenize=_tail_tokenizer(tokenizer),
-                         eos=tokenizer.eos_token, all_turns=all_turns)
+    setup = skeleton.setup_key(renderer.template, renderer.special_tokens, renderer.tools, renderer.date)
+    turns = None
+    if not skeleton.seen_before(setup):
+        renderer = replace(renderer, cached=False)
+    else:
+        turns = _outlined(tokenizer, renderer, setup, messages, selected, all_turns)
+    if turns is None:
+        turns = locate_turns(renderer, messages, selected, tokenize=_tail_tokenizer(tokenizer),
+                             eos=tokenizer.eos_token, all_turns=all_turns)
     end_of_turn = "" if "" in turns.end_of_turn else turns.end_of_turn[-1]
     return _encode(tokenizer, turns.text, turns.spans, end_of_turn)
+
+
+_OUTLINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {outline key: _Outline | None}
+_MAX_OUTLINES = 4096
+
+
+@dataclass(frozen=True)
+class _Outline:
+    """Where the trained turns are in every conversation of one outline: template text and cores, spans by piece."""
+
+    pieces: list  # template text (str) and core numbers (int), as skeleton.stand_in_pieces gives them
+    spans: list[tuple[tuple[int, int], tuple[int, int]]]  # (piece, offset in it) of each span's start and stop
+    end_of_turn: list[str]
+
+    def fill(self, cores: list[str]) -> tuple[str, list[tuple[int, int]]]:
+        starts, texts, at = [], [], 0
+        for piece in self.pieces:
+            text = piece if isinstance(piece, str) else cores[piece]
+            starts.append(at)
+            texts.append(text)
+            at += len(text)
+        spans = [(starts[a] + i, starts[b] + j) for (a, i), (b, j) in self.spans]
+        return "".join(texts), spans
+
+
+def _outlined(tokenizer, renderer: Renderer, setup: tuple, messages, selected: list[int],
+              all_turns: bool) -> Turns | None:
+    """The turns of a conversation read off its outline's, where that is exact; None: locate them in this row.
+
+    `locate_turns` renders a conversation ~6 times and compares end-of-turn texts token by token. Where the
+    template never looks at a text (finetune.data.skeleton proves it per shape) and the end-of-turn texts it
+    compares hold no text of a message, every step reads the texts only where they are written out, so the
+    turns of a stand-in conversation (each text's core replaced by a marker, its outer whitespace kept) are
+    those of every conversation with its outline once the cores are put back. Everything else is located row by
+    row, as are rows whose text holds the characters reserved for marks (so the error names them).
+    """
+    key, cores, stand_in = skeleton.outline(messages)
+    cache = _OUTLINES.setdefault(tokenizer, {})
+    full_key = (setup, key, tuple(selected), all_turns)
+    found = cache.get(full_key, False)
+    if found is False:
+        found = cache[full_key] = _outline(tokenizer, renderer, stand_in, selected, all_turns)
+        if len(cache) > _MAX_OUTLINES:
+            cache.pop(next(iter(cache)))
+    if found is None:
+        return None
+    text, spans = found.fill(cores)
+    if RESERVED.search(text):
+        return None
+    return Turns(text, spans, found.end_of_turn)
+
+
+def _outline(tokenizer, renderer: Renderer, stand_in: list[dict], selected: list[int], all_turns: bool):
+    tails = _tail_tokenizer(tokenizer)
+    touched = []
+
+    def tokenize(tail: str, chars: int):
+        tokens = tails(tail, chars)
+        if "\ufdd2" in tail[: tails.window(tail, chars)]:
+            touched.append(tail)  # the comparison read a message's text: it may differ row by row
+        return tokens
+
+    rendered = skeleton.RENDERED[0]
+    try:
+        turns = locate_turns(renderer, stand_in, selected, tokenize=tokenize, eos=tokenizer.eos_token,
+                             all_turns=all_turns)
+    except UserError:
+        return None  # located row by row, so the message quotes the row's own text
+    if touched or skeleton.RENDERED[0] != rendered:
+        return None
+    pieces = skeleton.stand_in_pieces(turns.text)
+    starts, at = [], 0
+    for piece in pieces:
+        starts.append(at)
+        at += len(piece) if isinstance(piece, str) else len(f"\ufdd2{piece}\ufdd3")
+
+    def locate(offset: int) -> tuple[int, int] | None:
+        index = bisect.bisect_right(starts, offset) - 1
+        if isinstance(pieces[index], int) and offset != starts[index]:
+            return None  # inside a text: where depends on the text
+        return index, offset - starts[index]
+
+    spans = [(locate(a), locate(b)) for a, b in turns.spans]
+    if any(None in span for span in spans):
+        return None
+    return _Outline(pieces, spans, turns.end_of_turn)
 
 
 def _encode_text_pair(tokenizer, prompt: str, completion: str) -> Encoded:
@@ -151,21 +250,48 @@ def _encode(tokenizer, text: str, spans: list[tuple[int, int]], end_of_turn: str
 
 
 _TAILS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKEN_WINDOW = 64  # characters tokenised past the common part of two tails: longer than any special token
 
 
 def _tail_tokenizer(tokenizer):
-    """`_tokenize` with a memory, for the end-of-turn texts `locate_turns` compares token by token.
+    """The tokens of an end-of-turn text's start, for the tails `locate_turns` compares token by token.
 
-    Those texts repeat from row to row (every reply of a ChatML conversation ends in the same
-    `<|im_end|>\n<|im_start|>user\n\ue001...` probe or `<|im_end|>\n` tail), and a call into the tokenizer costs
-    ~35 us however short the text: half of them are answered from here (scripts/bench_data.py measures it).
+    A tail is tokenised up to 64 characters past the part it shares with another, or only up to the end of the
+    first special token that ends past that part: the tokenizer splits its input at added tokens before anything
+    else (a token without lstrip/rstrip/single_word/normalized ends a piece whatever follows), so the tokens up to
+    there are those of the whole tail. Cut there, tails repeat from row to row (`<|im_end|>\n<|im_start|>`, where
+    the 64 characters would reach into the next message) and are answered from a memory: a call into the tokenizer
+    costs ~35 us however short the text (scripts/bench_data.py measures it).
     """
     cached = _TAILS.get(tokenizer)
     if cached is None:
-        owner = weakref.ref(tokenizer)  # the cache must not keep its tokenizer alive
-        cached = functools.lru_cache(maxsize=4096)(lambda text: _tokenize(owner(), text))
-        _TAILS[tokenizer] = cached
+        cached = _TAILS[tokenizer] = _TailTokenizer(tokenizer)
     return cached
+
+
+class _TailTokenizer:
+    def __init__(self, tokenizer) -> None:
+        owner = weakref.ref(tokenizer)  # the memory must not keep its tokenizer alive
+        self._tokenize = functools.lru_cache(maxsize=4096)(lambda text: _tokenize(owner(), text))
+        added = [t for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if not t.normalized]
+        self._hard = {t.content for t in added if not (t.lstrip or t.rstrip or t.single_word)}
+        # Longest first: at each position Python's alternation then matches as the tokenizer's added-token split does
+        contents = sorted({t.content for t in added if t.content}, key=len, reverse=True)
+        self._added = re.compile("|".join(map(re.escape, contents))) if contents else None
+
+    def __call__(self, tail: str, chars: int):
+        return self._tokenize(tail[: self.window(tail, chars)])
+
+    def window(self, tail: str, chars: int) -> int:
+        """Where to stop tokenising `tail` so that the tokens up to character `chars` are the whole tail's."""
+        end = min(len(tail), chars + _TOKEN_WINDOW)
+        if self._added is not None:
+            for match in self._added.finditer(tail, 0, end):
+                if match.end() > chars:
+                    if match.group() in self._hard:
+                        end = match.end()
+                    break
+        return end
 
 
 def _tokenize(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -185,13 +311,20 @@ def _tokenize(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
 
 def _labels(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
     """Label every token whose characters overlap a span (offsets are sorted, so bisect works)."""
-    starts = [start for start, _ in offsets]
-    stops = [stop for _, stop in offsets]
     labels = [IGNORE_INDEX] * len(ids)
     for start, stop in spans:
-        first, last = bisect.bisect_right(stops, start), bisect.bisect_left(starts, stop)
+        first = bisect.bisect_right(offsets, start, key=_stop)
+        last = bisect.bisect_left(offsets, stop, key=_start)
         labels[first:last] = ids[first:last]
     return labels
+
+
+def _start(offset: tuple[int, int]) -> int:
+    return offset[0]
+
+
+def _stop(offset: tuple[int, int]) -> int:
+    return offset[1]
 
 
 _ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date as Date
 from datetime import datetime
 
+from finetune.data.skeleton import Skeletons, skeletons
 from finetune.errors import UserError
 
 _PROBE_TEXT = "\ue001"  # a private-use character: no template gives it a meaning
@@ -29,18 +30,20 @@ class Renderer:
         special_tokens: `bos_token`, `eos_token`, ... as apply_chat_template passes them.
         tools: The row's tool schemas (OpenAI style), passed to the template as `tools`.
         date: The day `strftime_now` reports (ISO YYYY-MM-DD); None: today.
+        cached: Renders may come from the per-shape cache (finetune.data.skeleton); False: Jinja every time.
     """
 
     template: str
     special_tokens: dict = field(default_factory=dict)
     tools: list | None = None
     date: str | None = None
+    cached: bool = True
 
     def render(self, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
         """Render each conversation; a template error is the user's (their template or data): UserError."""
         try:
             return render(self.template, conversations, self.special_tokens, tools=self.tools, date=self.date,
-                          add_generation_prompt=add_generation_prompt)
+                          add_generation_prompt=add_generation_prompt, cached=self.cached)
         except UserError:
             raise
         except Exception as err:  # the template is user data: its failures are user errors
@@ -48,21 +51,29 @@ class Renderer:
 
 
 def render(template: str, conversations: list[list[dict]], special_tokens: dict, *, tools=None,
-           date: str | None = None, add_generation_prompt: bool = False) -> list[str]:
+           date: str | None = None, add_generation_prompt: bool = False, cached: bool = True) -> list[str]:
     """Render conversations with transformers' own compiled template (same sandbox, filters and globals).
 
     transformers' `render_jinja_template` turns every keyword argument into plain data, so a pinned
     `strftime_now` cannot pass through it; we call the template it compiles with the same variables it passes
     (messages with reasoning aliased, tools, documents, add_generation_prompt, the special tokens) plus our clock.
+    A conversation whose shape the template renders without looking at the texts is filled into that shape's
+    cached render instead (finetune.data.skeleton: the same characters, without Jinja).
     """
-    compiled = _compile(template)
-    clock = _clock(date)
-    alias = _reasoning_aliaser()
-    return [
-        compiled.render(messages=alias(conversation), tools=tools, documents=None,
-                        add_generation_prompt=add_generation_prompt, strftime_now=clock, **special_tokens)
-        for conversation in conversations
-    ]
+    def make() -> Skeletons:
+        compiled = _compile(template)
+        alias = _reasoning_aliaser()
+        variables = {"tools": tools, "documents": None, "strftime_now": _clock(date), **special_tokens}
+
+        def render_one(conversation: list[dict], add_generation_prompt: bool) -> str:
+            return compiled.render(messages=alias(conversation), add_generation_prompt=add_generation_prompt,
+                                   **variables)
+
+        return Skeletons(template, variables, alias, render_one)
+
+    cache = skeletons(template, special_tokens, tools, date, make) if cached else make()
+    render_one = cache.render if cached else cache.render_one
+    return [render_one(conversation, add_generation_prompt) for conversation in conversations]
 
 
 def _compile(template: str):

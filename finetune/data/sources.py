@@ -35,6 +35,7 @@ WHERE, JSON_TEXT = "__where__", "__json__"  # columns of a hand-read source
 MAX_ROW_BYTES = 16 << 20
 MAX_ROW_DEPTH = 64  # chat rows nest 3-4 levels; deeper JSON is not a training row
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON text spells one
 
 
 @dataclass
@@ -369,7 +370,11 @@ def parse_json_row(text: str) -> Any:
         raise BadRow("malformed JSON", f"malformed JSON at column {exc.colno}: {exc.msg}") from None
     except RecursionError:
         raise BadRow("nested too deeply", _too_deep()) from None
-    check_row_value(value)
+    # Walking every value costs more than parsing; text with no more brackets than the depth limit cannot nest
+    # too deeply, and a lone surrogate is either in the text or spelled as a \\udXXX escape.
+    deep = text.count("[") + text.count("{") > MAX_ROW_DEPTH
+    if deep or _SURROGATE.search(text) or _ESCAPED_SURROGATE.search(text):
+        check_row_value(value)
     return value
 
 

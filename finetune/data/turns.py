@@ -38,10 +38,9 @@ from finetune.errors import UserError
 # Message i's text is marked with chr(_MARK_BASE + i), its reasoning with chr(_REASONING_BASE + i).
 _MARK_BASE = 0xF0000
 _REASONING_BASE = 0xF8000
-_MARKS = re.compile("[\U000f0000-\U0010ffff]")
+_MARKS = RESERVED = re.compile("[\U000f0000-\U0010ffff]")
 _PROBE_USER = {"role": "user", "content": "\ue001"}
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-_TOKEN_WINDOW = 64  # characters tokenised past the common part of two tails: longer than any special token
 
 
 class NotExact(UserError):
@@ -66,7 +65,8 @@ def locate_turns(renderer: Renderer, messages: list[dict], selected: list[int], 
         renderer: The chat template and what it renders with.
         messages: The conversation (cleaned: dicts with a role).
         selected: Indices of the assistant messages to train, ascending.
-        tokenize: Text -> (token ids, character offsets), without special-token insertion.
+        tokenize: (text, n) -> (token ids, character offsets) of the text's start, far enough past character n
+            that the tokens up to n are those of the whole text; without special-token insertion.
         eos: The tokenizer's eos token text; nothing after it is part of a turn.
         all_turns: Every assistant turn is trained (data.train_on: all_assistant), for the advice given.
     """
@@ -316,7 +316,7 @@ def _shared_start(tails: list[str], tokenize) -> str:
     chars = len(os.path.commonprefix(tails))
     if chars == 0:
         return ""
-    runs = [tokenize(tail[: chars + _TOKEN_WINDOW]) for tail in tails]
+    runs = [tokenize(tail, chars) for tail in tails]
     end = 0
     for tokens in zip(*(zip(ids, offsets, strict=True) for ids, offsets in runs), strict=False):  # up to the shortest
         if any(token != tokens[0] for token in tokens[1:]):

@@ -256,6 +256,8 @@ def _distance_to_4bit(found: MergeSource, inputs, merged_logits) -> LogitDistanc
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from finetune.model.load import keep_4bit_training_kernel
+
     adapter = RunDir(found.run_dir).read_recipe().adapter if found.run_dir else None
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=getattr(adapter, "quant_type", "nf4"),
@@ -263,6 +265,7 @@ def _distance_to_4bit(found: MergeSource, inputs, merged_logits) -> LogitDistanc
     )
     device = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     base = AutoModelForCausalLM.from_pretrained(found.base, quantization_config=quant, device_map=device)
+    keep_4bit_training_kernel(base)  # the kernel training computed with, not bitsandbytes' bf16 inference one
     trained = PeftModel.from_pretrained(base, found.adapter_dir).eval()
     return compare_logits(merged_logits, _logits(trained, inputs.to(trained.device)), inputs["attention_mask"])
 

@@ -148,7 +148,26 @@ def load_model(path: str, recipe: Recipe, precision: Precision, *, revision: str
         raise UserError(f"model.path: cannot load a causal LM from {path!r}: {_first_line(exc)}") from None
     # Training with the KV cache on makes packed rows attend to each other (see ENV.md) and wastes memory.
     model.config.use_cache = False
+    keep_4bit_training_kernel(model)
     return model
+
+
+def keep_4bit_training_kernel(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on the kernel whose gradients are right, also after an evaluation.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's Linear4bit repacks its weight for a bf16 inference kernel
+    (`torch.ops.bitsandbytes.gemv_4bit`) on the first forward in eval mode without grad (an evaluation pass)
+    and keeps that layout when training resumes. That op has no autograd kernel: torch warns "gemv_4bit: an
+    autograd kernel was not registered ..." and drops the gradient through every frozen 4-bit weight, so
+    every LoRA layer upstream of a 4-bit layer gets wrong gradients. Measured with `scripts/qlora_grads.py` on the
+    tiny model (docs/testing.md): after one eval pass 54 of 56 LoRA gradient tensors are off by more than 1%
+    of their norm (max abs diff 1.2, the largest gradient 1.2); with this switch off they equal the
+    dequantised-fp32 reference exactly. `support_avx512bf16_for_cpu` is the attribute Linear4bit.forward
+    reads before repacking; GPUs never repack.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantized_placement(device: str) -> dict | None:
