@@ -484,3 +484,49 @@ def test_only_a_cpu_training_process_of_its_own_keeps_freed_memory():
             "startup._one_run = True\nprint(startup.keep_freed_memory('cuda'), startup.keep_freed_memory('cpu'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "True"]
+
+
+EXPORTS_PROBE = """
+from pathlib import Path
+from finetune.train.startup import cache_transformers_exports
+print(cache_transformers_exports())
+import transformers
+from transformers import AutoModelForCausalLM, LlamaForCausalLM  # resolved through the table
+import transformers.utils.import_utils as utils
+models = Path(transformers.__file__).parent / "models"
+print(utils.define_import_structure(models, prefix="models") == utils.define_import_structure.__wrapped__(
+    models, prefix="models"))
+"""
+
+
+def test_transformers_export_table_is_kept_and_read_back_equal(tmp_path):
+    # Two fresh processes, as two `finetune train` runs: the first scans and keeps the table, the second reads it;
+    # both see exactly the table a scan gives (__wrapped__ is transformers' own function).
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path)}
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", EXPORTS_PROBE], capture_output=True, text=True, env=env,
+                             check=True).stdout.split()
+        assert out == ["True", "True"]
+    kept = list((tmp_path / "transformers-exports").iterdir())
+    assert len(kept) >= 2  # transformers and transformers.models
+
+
+def test_an_editable_or_unknown_transformers_is_scanned_every_time(tmp_path):
+    from finetune.train.startup import _installation
+
+    package = tmp_path / "transformers"
+    package.mkdir()
+    assert _installation(package) is None  # no dist-info beside it
+    info = tmp_path / "transformers-9.9.9.dist-info"
+    info.mkdir()
+    (info / "RECORD").write_text("transformers/__init__.py,,\n")
+    stamp = _installation(package)
+    assert stamp and "9.9.9" in stamp
+    (info / "RECORD").write_text("transformers/__init__.py,,\ntransformers/new.py,,\n")  # a reinstall rewrites it
+    assert _installation(package) != stamp
+    (info / "direct_url.json").write_text('{"url":"file:///src","dir_info":{"editable":true}}')
+    assert _installation(package) is None
