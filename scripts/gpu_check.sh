@@ -7,6 +7,14 @@
 #   bash scripts/gpu_check.sh --dry-run                                   anywhere: the same cases, tiny, on the CPU
 #
 # DIR (default shared/wheels) comes from scripts/gather_gpu_wheels.py, run where the package index is reachable.
+# For the nvidia-h200 machine (Python 3.12, torch cu13; the device tool carries at most 64 MiB), 29 MiB:
+#   python scripts/gather_gpu_wheels.py --python 3.12 --cuda 130 132 --skip pyarrow pandas numpy accelerate \
+#     tokenizers safetensors pyyaml rich typer jinja2 markupsafe requests filelock fsspec tqdm packaging psutil \
+#     regex xxhash aiohttp aiosignal frozenlist multidict yarl propcache attrs aiohappyeyeballs idna certifi \
+#     charset-normalizer urllib3 click shellingham pygments markdown-it-py mdurl typing-extensions \
+#     python-dateutil six hf-xet httpx httpcore h11 anyio sniffio sympy mpmath networkx scipy msgpack ninja \
+#     py-cpuinfo einops pillow protobuf
+# then run this with carry ["shared"] (shared/ is ignored by git).
 # torch is never installed here: the GPU machine's own CUDA build is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
