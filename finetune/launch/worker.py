@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe_path = Path(args[0])
     try:
         run_worker(recipe_path, resume, force)
+        _leave_the_group()
     except UserError as exc:
         # Every process meets the same recipe and data, so one message per machine is enough; the
         # launcher repeats it after the launcher's own report of the failed processes.
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             RunDir(recipe_path.parent).launch_error.write_text(exc.render() + "\n", encoding="utf-8")
         if isinstance(exc, RunInterrupted):
             _wait_for_the_others()  # torch's launcher stops the rest as soon as one process exits
+        _leave_the_group()
         sys.exit(exc.exit_code)
 
 
@@ -75,6 +77,21 @@ def _wait_for_the_others() -> None:
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):  # a process already gone: exiting is all that is left to do
             dist.barrier()
+
+
+def _leave_the_group() -> None:
+    """Destroy the process group before the interpreter exits, as torch asks.
+
+    Left to the interpreter's teardown, the group's C++ threads can be destroyed while still running: a rank
+    that finished its run then aborts ("terminate called without an active exception", exit -6), and the
+    launcher reports the whole run as failed (seen once in CI, in the resumed half of
+    tests/test_distributed.py's SIGINT test).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
